@@ -1,0 +1,113 @@
+"""The `lingua-sweep` command: cluster availability now, sweep results later.
+
+lingua-sweep clusters [--json] [--cluster NAME] [--timeout S] [--conf-dir DIR] [--nodes N]
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from lingua_sweep.errors import UserError
+
+# --- clusters ------------------------------------------------------------------------------
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    from lingua_sweep.clusters import load_clusters, probe, select_cluster
+
+    clusters = load_clusters(args.conf_dir)
+    if args.cluster:
+        if args.cluster not in clusters:
+            raise UserError(f"unknown cluster {args.cluster!r}; known: {', '.join(clusters)}")
+        clusters = {args.cluster: clusters[args.cluster]}
+    statuses = probe(list(clusters.values()), timeout_s=args.timeout)
+    selected = select_cluster(statuses, clusters, nodes=args.nodes)
+
+    if args.json:
+        rows = []
+        for s in statuses:
+            c = clusters[s.name]
+            rows.append({
+                **asdict(s),
+                "provider": c.provider, "login": c.login, "partition": c.partition,
+                "gpus_per_node": c.gpus_per_node, "gpu_type": c.gpu_type,
+                "max_nodes": c.max_nodes, "priority": c.priority, "selected": s.name == selected,
+            })  # fmt: skip
+        print(json.dumps({"selected": selected, "nodes": args.nodes, "clusters": rows}, indent=2))
+        return 0
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="clusters, in priority order", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("cluster", no_wrap=True)
+    table.add_column("provider")
+    table.add_column("login")
+    table.add_column("GPUs", no_wrap=True)
+    table.add_column("max", justify="right")
+    table.add_column("idle", justify="right")
+    table.add_column("state", no_wrap=True)
+    styles = {"idle": "green", "local": "cyan", "busy": "yellow", "unreachable": "red"}
+    for s in statuses:
+        c = clusters[s.name]
+        gpus = f"{c.gpus_per_node}× {c.gpu_type}" if c.gpus_per_node else c.gpu_type
+        idle = f"{s.idle_nodes}/{s.total_nodes}" if s.state in ("idle", "busy") else "-"
+        state = f"[{styles[s.state]}]{s.state}[/]" + (" *" if s.reason else "")
+        table.add_row(
+            ("→ " if s.name == selected else "  ") + s.name, c.provider, c.login or "-", gpus,
+            str(c.max_nodes), idle, state,
+        )  # fmt: skip
+    console = Console()
+    console.print(table)
+    # Reasons are long (ssh errors), so they go below the table rather than squeezed into it.
+    for s in statuses:
+        if s.reason:
+            console.print(f"  * {s.name}: {s.reason}", style="dim", soft_wrap=True)
+    if selected:
+        console.print(f"→ a {args.nodes}-node job would go to [bold]{selected}[/]")
+    else:
+        console.print(f"no cluster can start a {args.nodes}-node job now")
+    return 0
+
+
+def add_clusters_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("clusters", help="which clusters have idle nodes, in priority order")
+    p.add_argument("--json", action="store_true", help="machine-readable statuses")
+    p.add_argument("--cluster", metavar="NAME", help="probe only this cluster")
+    p.add_argument("--timeout", type=float, metavar="S", help="per-cluster probe timeout (s)")
+    p.add_argument("--nodes", type=int, default=1, help="job size used to pick a cluster")
+    p.add_argument(
+        "--conf-dir", action="append", default=[], metavar="DIR",
+        help="extra cluster definitions (a dir of YAMLs or a conf root with cluster/); repeatable",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_clusters)
+
+
+# --- results -------------------------------------------------------------------------------
+# `lingua-sweep results <multirun dir>`: define `cmd_results(args)` and `add_results_parser(sub)`
+# here, and call add_results_parser in build_parser().
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lingua-sweep", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_clusters_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The cluster registry: loading definitions, detecting where we run, probing which are idle.
+
+Cluster definitions are the YAML files of the Hydra group `conf/cluster/`, validated against
+`ClusterConfig`. Lower `priority` is preferred.
+"""
+
+import fnmatch
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lingua_sweep import remote
+from lingua_sweep.config import ClusterConfig
+from lingua_sweep.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_DIR = REPO_ROOT / "conf" / "cluster"
+SLURM_CONF_DEFAULT = Path("/etc/slurm/slurm.conf")
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_clusters(extra_dirs: Iterable[str | Path] = ()) -> dict[str, ClusterConfig]:
+    """Every cluster of conf/cluster/ plus extra dirs, by priority (then name).
+
+    An extra dir is either a dir of cluster YAMLs or a Hydra searchpath root holding `cluster/`.
+    A later definition of the same name replaces an earlier one.
+    """
+    dirs = [CLUSTER_DIR]
+    for d in map(Path, extra_dirs):
+        dirs.append(d / "cluster" if (d / "cluster").is_dir() else d)
+    clusters = {}
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"cluster definition dir {d} does not exist")
+        for path in sorted(d.glob("*.yaml")):
+            if path.stem != "cluster_schema":
+                clusters[path.stem] = _load_one(path)
+    return dict(sorted(clusters.items(), key=lambda kv: (kv[1].priority, kv[0])))
+
+
+def _load_one(path: Path) -> ClusterConfig:
+    try:
+        raw = OmegaConf.load(path)
+        raw.pop("defaults", None)  # Hydra's defaults list; the schema is applied here instead
+        cfg = OmegaConf.merge(OmegaConf.structured(ClusterConfig), raw)
+        if OmegaConf.is_missing(cfg, "name"):
+            cfg.name = path.stem
+        cluster = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise UserError(f"invalid cluster definition {path}: {first_line}") from e
+    if cluster.name != path.stem:
+        raise UserError(f"{path}: name {cluster.name!r} must match the file name {path.stem!r}")
+    return cluster
+
+
+# --- detection -----------------------------------------------------------------------------
+
+
+def is_slurm_machine(environ: Mapping[str, str], slurm_conf: Path = SLURM_CONF_DEFAULT) -> bool:
+    """A Slurm job, a machine configured for Slurm, or one pointed at a slurm.conf."""
+    in_job = "SLURM_JOB_ID" in environ or "SLURM_CLUSTER_NAME" in environ
+    return in_job or "SLURM_CONF" in environ or slurm_conf.exists()
+
+
+def detect_cluster(
+    clusters: Mapping[str, ClusterConfig],
+    environ: Mapping[str, str] = os.environ,
+    hostname: str | None = None,
+    slurm_machine: bool | None = None,
+) -> str:
+    """The name of the cluster this process runs on.
+
+    LINGUA_CLUSTER, then Slurm's environment, then hostname patterns. On a machine without Slurm
+    that matches nothing it is `local`; an unknown Slurm machine is an error, since guessing would
+    put data and outputs in the wrong place.
+    """
+    names = ", ".join(clusters)
+    forced = environ.get("LINGUA_CLUSTER")
+    if forced:
+        if forced not in clusters:
+            raise UserError(f"LINGUA_CLUSTER={forced!r} is not a known cluster; known: {names}")
+        return forced
+
+    slurm_name = environ.get("SLURM_CLUSTER_NAME")
+    if slurm_name in clusters:
+        return slurm_name
+    # sphinx and miso are one Slurm cluster with two partitions, so the partition decides,
+    # when it belongs to exactly one cluster (Together's two clusters both call theirs `batch`).
+    partition = environ.get("SLURM_JOB_PARTITION")
+    by_partition = [c.name for c in clusters.values() if partition and c.partition == partition]
+    if len(by_partition) == 1:
+        return by_partition[0]
+
+    hostname = hostname or socket.gethostname()
+    candidates = {hostname, hostname.split(".")[0]}
+    for cluster in clusters.values():  # in priority order
+        if any(fnmatch.fnmatch(h, p) for p in cluster.hostname_patterns for h in candidates):
+            return cluster.name
+
+    if slurm_machine is None:
+        slurm_machine = is_slurm_machine(environ)
+    if not slurm_machine and "local" in clusters:
+        return "local"
+    seen = f"hostname {hostname!r}" + (f", SLURM_CLUSTER_NAME={slurm_name!r}" if slurm_name else "")
+    raise UserError(
+        f"cannot tell which cluster this is ({seen}); set LINGUA_CLUSTER to one of: {names}"
+    )
+
+
+# --- probing -------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ClusterStatus:
+    name: str
+    state: str  # idle | busy | unreachable | local
+    idle_nodes: int
+    total_nodes: int  # nodes of the partition, excluded ones not counted
+    reason: str | None
+    elapsed_s: float
+
+
+def probe(clusters: Sequence[ClusterConfig], timeout_s: float | None = None) -> list[ClusterStatus]:
+    """Probes every cluster in parallel; one status per cluster, in the given order.
+
+    Never raises and never waits much longer than the largest timeout: a cluster that does not
+    answer in time is `unreachable`.
+    """
+    timeouts = [timeout_s if timeout_s is not None else c.probe_timeout_s for c in clusters]
+    results: dict[int, ClusterStatus] = {}
+
+    def work(i: int, cluster: ClusterConfig, timeout: float) -> None:
+        results[i] = _probe_safe(cluster, timeout)
+
+    # Daemon threads: even a probe stuck past every timeout cannot keep the process alive.
+    threads = [
+        threading.Thread(target=work, args=(i, c, t), daemon=True)
+        for i, (c, t) in enumerate(zip(clusters, timeouts, strict=True))
+    ]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    deadline = start + max(timeouts, default=0) + 10  # run() kills at its timeout; slack for that
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [
+        results.get(i)
+        or ClusterStatus(
+            name=c.name,
+            state="unreachable",
+            idle_nodes=0,
+            total_nodes=0,
+            reason="probe did not finish",
+            elapsed_s=round(time.monotonic() - start, 2),
+        )
+        for i, c in enumerate(clusters)
+    ]
+
+
+def _probe_safe(cluster: ClusterConfig, timeout: float) -> ClusterStatus:
+    start = time.monotonic()
+    try:
+        status = _probe_one(cluster, timeout)
+    except Exception as e:  # noqa: BLE001  a probe reports, it never takes the table down
+        status = _unreachable(cluster, f"probe failed: {type(e).__name__}: {e}")
+    status.elapsed_s = round(time.monotonic() - start, 2)
+    return status
+
+
+def _unreachable(cluster: ClusterConfig, reason: str) -> ClusterStatus:
+    return ClusterStatus(
+        name=cluster.name, state="unreachable", idle_nodes=0, total_nodes=0, reason=reason,
+        elapsed_s=0.0,
+    )  # fmt: skip
+
+
+def _probe_one(cluster: ClusterConfig, timeout: float) -> ClusterStatus:
+    if not cluster.slurm:
+        return ClusterStatus(
+            name=cluster.name, state="local", idle_nodes=1, total_nodes=1, reason=None,
+            elapsed_s=0.0,
+        )  # fmt: skip
+    argv = ["sinfo", "--noheader", "--Node", "--format=%N|%t"]
+    if cluster.partition:
+        argv.append(f"--partition={cluster.partition}")
+    try:
+        proc = remote.run(
+            argv,
+            login=cluster.login,
+            ssh_options=cluster.ssh_options,
+            timeout=timeout,
+            env=getattr(cluster, "env", None) or None,  # e.g. SLURM_CONF for a second cluster
+        )
+    except remote.RemoteError as e:
+        return _unreachable(cluster, e.reason)
+
+    # One line per node and partition; with --partition each node appears once.
+    states: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        node, _, state = line.strip().partition("|")
+        if node and node not in cluster.exclude:
+            states[node] = state
+    idle = sum(s == "idle" for s in states.values())  # idle* (not responding) etc. is not idle
+    total = len(states)
+    if total == 0:
+        where = f"partition {cluster.partition!r}" if cluster.partition else "the cluster"
+        return ClusterStatus(
+            name=cluster.name, state="busy", idle_nodes=0, total_nodes=0,
+            reason=f"no usable nodes in {where}", elapsed_s=0.0,
+        )  # fmt: skip
+    return ClusterStatus(
+        name=cluster.name,
+        state="idle" if idle else "busy",
+        idle_nodes=idle,
+        total_nodes=total,
+        reason=None if idle else f"0/{total} nodes idle",
+        elapsed_s=0.0,
+    )
+
+
+# --- selection -----------------------------------------------------------------------------
+
+
+def select_cluster(
+    statuses: Iterable[ClusterStatus],
+    clusters: Mapping[str, ClusterConfig] | Iterable[ClusterConfig],
+    nodes: int = 1,
+) -> str | None:
+    """The most preferred cluster that can start a `nodes`-node job now, or None."""
+    if not isinstance(clusters, Mapping):
+        clusters = {c.name: c for c in clusters}
+    known = [s for s in statuses if s.name in clusters]
+    for s in sorted(known, key=lambda s: clusters[s.name].priority):
+        available = s.state in ("idle", "local")
+        if available and s.idle_nodes >= nodes and nodes <= clusters[s.name].max_nodes:
+            return s.name
+    return None

@@ -1,0 +1,169 @@
+"""The config schema: one kw-only dataclass per component, stored in Hydra's ConfigStore.
+
+This module is the one list of config keys. YAML files under `conf/` only override these
+defaults, so a typo (`optim.lrr=1`) or a wrong type (`steps=abc`) fails at compose time with
+Hydra's own message, before anything runs.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """One compute cluster: where it is, how to reach it, where its data and outputs live."""
+
+    name: str = MISSING
+    provider: str = "local"
+    login: str | None = None  # ssh host or alias of the login node; null = this machine
+    ssh_options: list[str] = field(default_factory=list)  # extra ssh args, e.g. ["-F", "cfg"]
+    env: dict[str, str] = field(default_factory=dict)  # for its Slurm commands, e.g. SLURM_CONF
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = 0
+    gpu_type: str = "cpu"  # nominal; the trainer detects the real GPU at run time
+    max_nodes: int = 1
+    exclude: list[str] = field(default_factory=list)  # known bad nodes, never counted or used
+    data_root: str = MISSING
+    output_root: str = MISSING
+    # Shell lines a job runs before python (e.g. module loads); `python` is how it starts python.
+    setup: list[str] = field(default_factory=list)
+    python: str = "python"
+    # Where the code is synced to on a remote login node (relative to the remote home).
+    remote_code_dir: str = "lingua_sweep_code"
+    hostname_patterns: list[str] = field(default_factory=list)  # fnmatch, for detection
+    priority: int = 100  # lower is preferred
+    slurm: bool = True  # false: run jobs as local processes (the `local` cluster)
+    probe_timeout_s: float = 10.0
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # null = n_heads (no grouped-query attention)
+    vocab_size: int | None = None  # null = taken from the tokenizer
+    ffn_dim_multiplier: float | None = None
+    multiple_of: int = 256
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    activation: str = "silu"
+    posembed: str = "rope"
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096  # only used by learned/none positional schemes and rope tables
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    name: str = "cl100k"
+    path: str | None = None  # file or dir for hf / tiktoken / sp
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str = "${cluster.data_root}"
+    train_files: str = "fineweb_edu_10bt_shuffled/fineweb_edu_10bt.chunk.*.jsonl"
+    val_file: str = "fineweb_edu_10bt_shuffled/fineweb_edu_10bt.val.jsonl"
+    batch_size: int = 32  # per GPU (per process)
+    seq_len: int = 1024
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    add_bos: bool = True
+    add_eos: bool = True
+    prefetch: int = 8  # batches tokenized ahead in a background thread
+    skip_bad_lines: bool = False  # count and skip malformed jsonl lines instead of failing
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    grad_clip: float = 1.0  # <= 0 disables
+    grad_acc_steps: int = 1
+    lr_min_ratio: float = 0.1  # final lr / peak lr for decaying schedules
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    fused: bool | None = None  # null = fused AdamW on GPU, foreach elsewhere
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    fsdp_type: str = "no_shard"  # no_shard (DDP semantics) | full_shard (FSDP2)
+    compile: bool = True
+    model_dtype: str = "bf16"  # bf16 | fp32 (compute dtype; master weights stay fp32)
+    backend: str | None = None  # null = nccl on GPU, gloo on CPU
+    a100_halve_batch: bool = True  # the spec's A100 rule: half batch, double grad_acc
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    project: str = "lingua_sweep"
+    entity: str | None = None
+    mode: str | None = None  # online | offline | disabled; null = wandb's default / WANDB_MODE
+    dir: str | None = None  # null = the run directory
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    freq: int = 10
+    val_loss_every: int = 100  # 0 disables
+    val_loss_batches: int = 10
+    wandb: WandbConfig | None = None  # null disables WandB
+
+
+@dataclass(kw_only=True)
+class DumpConfig:
+    every: int = -1  # <= 0 never fires
+    keep: int = 2  # <= 0 keeps all
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = -1  # <= 0 never fires
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dump: DumpConfig = field(default_factory=DumpConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    name: str = "debug"  # the experiment name: WandB group/run names and output paths
+    dump_base: str = "${cluster.output_root}"
+    steps: int = 1000
+    seed: int = 42
+    cluster: ClusterConfig = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig, package="cluster")
+
+
+def to_object(cfg: Any) -> TrainConfig:
+    """The typed dataclass view of a composed DictConfig (interpolations resolved)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
