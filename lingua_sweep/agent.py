@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 STATUS_FILE = "status.json"
 # Slurm states after which a job will not run again (sacct's names; submitit's watcher too).
