@@ -47,7 +47,8 @@ def with_detected_cluster(argv: list[str]) -> list[str]:
         return argv
     if any(arg in ("--help", "-h", "--hydra-help") for arg in argv[1:]):
         return argv
-    return [*argv, f"cluster={detect_cluster(load_clusters())}"]
+    # First, not last: argparse rejects positionals split around options like `--cfg job`.
+    return [argv[0], f"cluster={detect_cluster(load_clusters())}", *argv[1:]]
 
 
 if __name__ == "__main__":

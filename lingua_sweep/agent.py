@@ -130,7 +130,7 @@ class JobTask:
 
 
 def _no_callbacks():
-    from hydra.core.callbacks import Callbacks
+    from hydra._internal.callbacks import Callbacks
 
     return Callbacks(config=None)
 

@@ -121,7 +121,9 @@ class LoggingConfig:
     freq: int = 10
     val_loss_every: int = 100  # 0 disables
     val_loss_batches: int = 10
-    wandb: WandbConfig | None = None  # null disables WandB
+    # null (or mode: disabled) disables WandB; a mapping by default so that a single override
+    # such as `logging.wandb.mode=offline` can switch it on (OmegaConf can't set keys of null).
+    wandb: WandbConfig | None = field(default_factory=WandbConfig)
 
 
 @dataclass(kw_only=True)

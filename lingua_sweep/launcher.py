@@ -8,8 +8,10 @@ job order, so Hydra's basic and Optuna sweepers work unchanged.
 """
 
 import base64
+import contextlib
 import json
 import logging
+import os
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -107,7 +109,8 @@ def print_plan(statuses, assignment: list[str], overrides, registry) -> None:
     for col in ("#", "cluster", "overrides"):
         jobs.add_column(col)
     for i, (cluster, ovr) in enumerate(zip(assignment, overrides, strict=True)):
-        jobs.add_row(str(i), cluster, " ".join(filter_overrides(ovr)))
+        shown = [o for o in filter_overrides(ovr) if not o.startswith("cluster=")]
+        jobs.add_row(str(i), cluster, " ".join(shown))
     console.print(jobs)
 
 
@@ -130,7 +133,7 @@ def compose_job(
         config.hydra.job.num = job_num
     task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     try:
-        typed: TrainConfig = OmegaConf.to_object(task_cfg)
+        typed: TrainConfig = OmegaConf.to_object(OmegaConf.merge(TrainConfig, task_cfg))
         preflight(typed)
     except UserError as e:
         raise UserError(f"job #{job_num} ({' '.join(overrides)}): {e}") from e
@@ -165,6 +168,21 @@ def sbatch_params(cluster: ClusterConfig, p: LauncherParams, job_name: str) -> d
     }
 
 
+@contextlib.contextmanager
+def cluster_environ(cluster: ClusterConfig):
+    """The cluster's environment (e.g. SLURM_CONF) for submitit's sbatch/sacct subprocesses."""
+    saved = {k: os.environ.get(k) for k in cluster.env}
+    os.environ.update(cluster.env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class InProcessBackend:
     """A cluster whose Slurm answers here (or the `local` cluster): submitit in this process."""
 
@@ -173,30 +191,30 @@ class InProcessBackend:
         self.jobs: dict[str, Any] = {}
 
     def submit(self, tasks: list[agent.JobTask]) -> list[str]:
-        jobs = agent.submit(tasks, folder=self.folder, params=self.params, slurm=self.cluster.slurm)
+        with cluster_environ(self.cluster):
+            jobs = agent.submit(
+                tasks, folder=self.folder, params=self.params, slurm=self.cluster.slurm
+            )
         self.jobs.update({str(j.job_id): j for j in jobs})
         return [str(j.job_id) for j in jobs]
 
     def states(self, ids: list[str]) -> dict[str, str]:
-        out = {}
-        for i in ids:
-            job = self.jobs[i]
-            out[i] = (
-                agent.job_state(job)
-                if self.cluster.slurm
-                else ("FINISHED" if job.done() else "RUNNING")
-            )
-        return out
+        if not self.cluster.slurm:
+            return {i: "FINISHED" if self.jobs[i].done() else "RUNNING" for i in ids}
+        with cluster_environ(self.cluster):
+            return {i: agent.job_state(self.jobs[i]) for i in ids}
 
     def outcomes(self, ids: list[str]) -> dict[str, tuple[str, Any]]:
-        return {i: agent.job_outcome(self.jobs[i]) for i in ids}
+        with cluster_environ(self.cluster):
+            return {i: agent.job_outcome(self.jobs[i]) for i in ids}
 
     def fetch_outputs(self, remote_dir: str, local_dir: Path) -> None:
         pass  # outputs are already on this filesystem
 
     def cancel(self, ids: list[str]) -> None:
-        for i in ids:
-            self.jobs[i].cancel(check=False)
+        with cluster_environ(self.cluster):
+            for i in ids:
+                self.jobs[i].cancel(check=False)
 
 
 class SshBackend:

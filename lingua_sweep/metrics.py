@@ -69,7 +69,7 @@ class MetricLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")  # append: a resumed run continues
-        if cfg.logging.wandb is not None:
+        if cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled":
             self.wandb_run = _init_wandb(cfg, run_dir, identity)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

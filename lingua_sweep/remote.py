@@ -153,3 +153,22 @@ def sync_code(
     else:
         cmd += [f"{src}/", f"{dest}/"]
     run(cmd, login=None, timeout=timeout)
+
+
+def fetch_dir(
+    login: str | None,
+    src: str,
+    dest: Path,
+    ssh_options: Sequence[str] = (),
+    timeout: float = 300,
+    exclude: Sequence[str] = (),
+) -> None:
+    """Copies src on the login node into the local dir dest (rsync over ssh), minus `exclude`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = ["rsync", "-az", *(f"--exclude={p}" for p in exclude)]
+    if login:
+        ssh = ssh_command(ssh_options, connect_timeout=min(timeout, 30))
+        cmd += ["-e", shlex.join(ssh), f"{login}:{src}/", f"{dest}/"]
+    else:
+        cmd += [f"{src}/", f"{dest}/"]
+    run(cmd, login=None, timeout=timeout)

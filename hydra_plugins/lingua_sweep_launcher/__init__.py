@@ -1,0 +1,1 @@
+"""lingua_sweep's Hydra plugins (hydra_plugins/ itself is a namespace package)."""
