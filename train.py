@@ -47,8 +47,12 @@ def with_detected_cluster(argv: list[str]) -> list[str]:
         return argv
     if any(arg in ("--help", "-h", "--hydra-help") for arg in argv[1:]):
         return argv
-    # First, not last: argparse rejects positionals split around options like `--cfg job`.
-    return [argv[0], f"cluster={detect_cluster(load_clusters())}", *argv[1:]]
+    # Beside the other overrides: argparse rejects positionals split around options (`-m`).
+    detected = f"cluster={detect_cluster(load_clusters())}"
+    first = next((i for i, a in enumerate(argv) if i and "=" in a and not a.startswith("-")), None)
+    if first is None:
+        return [*argv, detected]
+    return [*argv[:first], detected, *argv[first:]]
 
 
 if __name__ == "__main__":

@@ -271,7 +271,7 @@ class SshBackend:
             local_dir,
             ssh_options=self.cluster.ssh_options,
             timeout=self.timeout,
-            exclude=["checkpoints", ".submitit", "wandb"],
+            exclude=["checkpoints", ".submitit"],
         )
 
     def cancel(self, ids: list[str]) -> None:

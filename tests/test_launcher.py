@@ -1,0 +1,242 @@
+"""The multicluster launcher against the real two-cluster testbed (alpha local, beta over ssh)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from wandb_offline import run_info
+
+from lingua_sweep.clusters import ClusterStatus, load_clusters
+from lingua_sweep.config import DataConfig
+from lingua_sweep.corpus import ensure_embedded_corpus
+from lingua_sweep.errors import UserError
+from lingua_sweep.launcher import LauncherParams, plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "experiment=debug",
+    "steps=12",
+    "logging.freq=4",
+    "logging.val_loss_every=6",
+    "model.dim=32",
+    "model.n_layers=1",
+    "data.batch_size=4",
+    "data.seq_len=64",
+]
+
+
+def status(name, state, idle):
+    return ClusterStatus(
+        name=name, state=state, idle_nodes=idle, total_nodes=2, reason=None, elapsed_s=0.0
+    )
+
+
+# --- planning (pure) ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_clusters()
+
+
+def test_plan_fills_idle_nodes_in_priority_order(registry):
+    statuses = [
+        status("research-secure", "idle", 1),
+        status("mk-turbo", "idle", 1),
+        status("sphinx", "idle", 2),
+        status("miso", "busy", 0),
+    ]
+    assignment = plan(5, statuses, registry, LauncherParams())
+    assert assignment == ["research-secure", "mk-turbo", "sphinx", "sphinx", "research-secure"]
+
+
+def test_plan_respects_nodes_per_job_and_max_nodes(registry):
+    statuses = [
+        status("research-secure", "idle", 4),
+        status("mk-turbo", "idle", 1),
+        status("sphinx", "idle", 2),
+    ]
+    # 2-node jobs: mk-turbo (max 1 node) can't take any; research-secure fits two.
+    assert plan(3, statuses, registry, LauncherParams(nodes=2)) == [
+        "research-secure",
+        "research-secure",
+        "sphinx",
+    ]
+
+
+def test_plan_when_busy_fail_raises_before_submitting(registry):
+    statuses = [status("research-secure", "busy", 0), status("sphinx", "unreachable", 0)]
+    with pytest.raises(UserError, match="when_busy=queue"):
+        plan(2, statuses, registry, LauncherParams(when_busy="fail"))
+    assert plan(2, statuses, registry, LauncherParams()) == ["research-secure"] * 2
+
+
+def test_plan_falls_back_to_local_when_no_slurm_cluster_answers(registry):
+    statuses = [status("research-secure", "unreachable", 0), status("local", "local", 1)]
+    assert plan(3, statuses, registry, LauncherParams()) == ["local"] * 3
+
+
+# --- on the testbed -------------------------------------------------------------------------
+
+
+def sweep(tmp_path: Path, testbed, *args: str, timeout=600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_", "WANDB_"))}
+    env["WANDB_MODE"] = "offline"
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        *TINY,
+        "hydra/launcher=multicluster",
+        f"hydra.searchpath=[file://{testbed.conf_dir}]",
+        "hydra.launcher.poll_interval_s=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def sacct_ids(testbed, cluster: str) -> set[str]:
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-2hours"]
+    if cluster == "alpha":
+        out = subprocess.run(
+            cmd,
+            env={**os.environ, **testbed.env_alpha()},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    else:
+        out = subprocess.run(
+            ["ssh", "-F", str(testbed.ssh_config), "beta-hn", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    return set(out.split())
+
+
+@pytest.fixture(scope="module")
+def testbed_with_data(slurm_testbed):
+    for name in ("alpha", "beta"):
+        root = yaml.safe_load((slurm_testbed.cluster_conf_dir / f"{name}.yaml").read_text())
+        ensure_embedded_corpus(DataConfig(root=root["data_root"]))
+    return slurm_testbed
+
+
+@pytest.mark.slurm
+def test_sweep_spreads_over_both_clusters_and_keeps_going_past_a_failed_job(
+    tmp_path, testbed_with_data
+):
+    testbed = testbed_with_data
+    before = {c: sacct_ids(testbed, c) for c in ("alpha", "beta")}
+    # Hold one alpha node, so alpha has idle room for only one of the four jobs.
+    holder = subprocess.run(
+        ["sbatch", "--parsable", "-p", "batch", "-N1", "--exclusive", "--wrap", "sleep 600"],
+        env={**os.environ, **testbed.env_alpha()},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        # lr=1e6 diverges: those jobs raise (non-finite loss) while the others complete.
+        result = sweep(
+            tmp_path,
+            testbed,
+            "optim.lr=3e-3,1e6",
+            "optim.scheduler=cosine,wsd",
+            "hydra.launcher.clusters=[alpha,beta]",
+            "logging.wandb.mode=offline",
+        )
+    finally:
+        subprocess.run(["scancel", holder], env={**os.environ, **testbed.env_alpha()}, check=False)
+    assert result.returncode != 0, "Hydra's sweeper reports the failed jobs at the end"
+    new = {c: sacct_ids(testbed, c) - before[c] - {holder} for c in ("alpha", "beta")}
+    assert new["alpha"] and new["beta"], (new, result.stderr[-3000:])
+
+    sweep_dir = tmp_path / "sweep"
+    statuses = {}
+    for job in range(4):
+        job_dir = sweep_dir / str(job)
+        st = json.loads((job_dir / "status.json").read_text())
+        statuses[job] = st["status"]
+        overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
+        lr = next(float(o.split("=")[1]) for o in overrides if o.startswith("optim.lr="))
+        if lr > 1:
+            assert st["status"] == "FAILED" and "loss is" in st["error"], st
+            continue
+        assert st["status"] == "COMPLETED", st
+        assert st["cluster"] in ("alpha", "beta")
+        info = run_info(job_dir)
+        assert info["group"] == f"debug/{st['cluster']}"
+        assert info["name"] == f"debug_{st['cluster']}_{st['job_id']}"
+        assert info["tags"] == ["testbed", st["cluster"], "cpu", "debug", f"job_{st['job_id']}"]
+        lines = (job_dir / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["step"] == 12
+    assert sorted(statuses.values()) == ["COMPLETED", "COMPLETED", "FAILED", "FAILED"]
+    assert {
+        json.loads((sweep_dir / str(j) / "status.json").read_text())["cluster"] for j in range(4)
+    } == {"alpha", "beta"}
+
+
+@pytest.mark.slurm
+def test_dry_run_submits_nothing(tmp_path, testbed_with_data):
+    before = {c: sacct_ids(testbed_with_data, c) for c in ("alpha", "beta")}
+    result = sweep(
+        tmp_path,
+        testbed_with_data,
+        "optim.lr=1e-3,3e-3",
+        "hydra.launcher.clusters=[alpha,beta]",
+        "hydra.launcher.dry_run=true",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "multicluster: jobs" in result.stderr
+    assert {c: sacct_ids(testbed_with_data, c) for c in ("alpha", "beta")} == before
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("optim.scheduler=cosine,nope", "optim.scheduler='nope' is not registered"),
+        ("model.vocab_size=5", "does not match tokenizer"),
+    ],
+)
+def test_bad_override_submits_nothing(tmp_path, testbed_with_data, bad, message):
+    before = {c: sacct_ids(testbed_with_data, c) for c in ("alpha", "beta")}
+    result = sweep(tmp_path, testbed_with_data, bad, "hydra.launcher.clusters=[alpha,beta]")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert {c: sacct_ids(testbed_with_data, c) for c in ("alpha", "beta")} == before
+
+
+def test_sweep_without_slurm_runs_on_the_local_cluster(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    env["LINGUA_SWEEP_DATA"] = str(tmp_path / "data")
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        *TINY,
+        "steps=4",
+        "optim.lr=1e-3,3e-3",
+        "hydra/launcher=multicluster",
+        "hydra.launcher.clusters=[local]",
+        "hydra.launcher.poll_interval_s=0.5",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in range(2):
+        st = json.loads((tmp_path / "sweep" / str(job) / "status.json").read_text())
+        assert st["status"] == "COMPLETED" and st["cluster"] == "local"
+        assert isinstance(st["return_value"], float)
