@@ -1,6 +1,7 @@
 """The `lingua-sweep` command: cluster availability now, sweep results later.
 
 lingua-sweep clusters [--json] [--cluster NAME] [--timeout S] [--conf-dir DIR] [--nodes N]
+lingua-sweep results MULTIRUN_DIR [--format table|md|csv] [--plot PNG] [--output FILE]
 """
 
 import argparse
@@ -86,8 +87,45 @@ def add_clusters_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # --- results -------------------------------------------------------------------------------
-# `lingua-sweep results <multirun dir>`: define `cmd_results(args)` and `add_results_parser(sub)`
-# here, and call add_results_parser in build_parser().
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lingua_sweep import results
+
+    rows = results.collect(args.sweep_dir)
+    title = results.optuna_summary(args.sweep_dir)
+    if args.format == "md":
+        text = results.to_markdown(rows)
+    elif args.format == "csv":
+        text = results.to_csv(rows)
+    elif args.output:
+        text = results.table_text(rows, title=title)
+    else:
+        text = None
+        results.print_table(rows, title=title)
+    if text is not None and args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {args.output}: {e.strerror or e}") from e
+        print(f"wrote {args.output}", file=sys.stderr)
+    elif text is not None:
+        sys.stdout.write(text)
+    if args.plot:
+        results.plot(rows, args.sweep_dir, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)  # stderr: stdout stays the table
+    return 0
+
+
+def add_results_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("results", help="the table of a sweep, from its multirun dir")
+    p.add_argument("sweep_dir", metavar="MULTIRUN_DIR", help="Hydra's sweep dir (0/, 1/, ...)")
+    p.add_argument("--format", choices=["table", "md", "csv"], default="table")
+    p.add_argument("--plot", metavar="PNG", help="also write a figure: loss vs lr, and curves")
+    p.add_argument("--output", metavar="FILE", help="write the table to FILE instead of stdout")
+    p.set_defaults(func=cmd_results)
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -97,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lingua-sweep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_clusters_parser(sub)
+    add_results_parser(sub)
     return parser
 
 

@@ -140,7 +140,17 @@ def test_sweep_spreads_over_both_clusters_and_keeps_going_past_a_failed_job(
     before = {c: sacct_ids(testbed, c) for c in ("alpha", "beta")}
     # Hold one alpha node, so alpha has idle room for only one of the four jobs.
     holder = subprocess.run(
-        ["sbatch", "--parsable", "-p", "batch", "-N1", "--exclusive", "--wrap", "sleep 600"],
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "batch",
+            "-N1",
+            "--exclusive",
+            "--output=/dev/null",
+            "--wrap",
+            "sleep 600",
+        ],
         env={**os.environ, **testbed.env_alpha()},
         capture_output=True,
         text=True,
@@ -185,6 +195,9 @@ def test_sweep_spreads_over_both_clusters_and_keeps_going_past_a_failed_job(
     assert {
         json.loads((sweep_dir / str(j) / "status.json").read_text())["cluster"] for j in range(4)
     } == {"alpha", "beta"}
+    table = results_rows(sweep_dir)
+    assert sorted(r["status"] for r in table) == ["COMPLETED", "COMPLETED", "FAILED", "FAILED"]
+    assert all("loss is nan" in r["error"] for r in table if r["status"] == "FAILED")
 
 
 @pytest.mark.slurm
@@ -240,3 +253,45 @@ def test_sweep_without_slurm_runs_on_the_local_cluster(tmp_path):
         st = json.loads((tmp_path / "sweep" / str(job) / "status.json").read_text())
         assert st["status"] == "COMPLETED" and st["cluster"] == "local"
         assert isinstance(st["return_value"], float)
+
+
+def results_rows(sweep_dir: Path) -> list[dict]:
+    import csv
+    import io
+
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "lingua-sweep"),
+            "results",
+            str(sweep_dir),
+            "--format",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return list(csv.DictReader(io.StringIO(out)))
+
+
+@pytest.mark.slurm
+def test_optuna_lr_search_runs_trials_on_the_clusters_and_lands_in_the_results_table(
+    tmp_path, testbed_with_data
+):
+    result = sweep(
+        tmp_path,
+        testbed_with_data,
+        "hydra/sweeper=lr_search",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.launcher.clusters=[alpha,beta]",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert 1e-4 <= best["best_params"]["optim.lr"] <= 1e-2
+    rows = results_rows(tmp_path / "sweep")
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} == {"COMPLETED"}
+    values = [float(r["final_val_loss"]) for r in rows]
+    assert min(values) == pytest.approx(best["best_value"])
