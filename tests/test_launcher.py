@@ -295,3 +295,117 @@ def test_optuna_lr_search_runs_trials_on_the_clusters_and_lands_in_the_results_t
     assert {r["status"] for r in rows} == {"COMPLETED"}
     values = [float(r["final_val_loss"]) for r in rows]
     assert min(values) == pytest.approx(best["best_value"])
+
+
+@pytest.mark.slurm
+def test_ctrl_c_cancels_the_submitted_jobs(tmp_path, testbed_with_data):
+    import signal
+    import time
+
+    testbed = testbed_with_data
+    alpha_env = {**os.environ, **testbed.env_alpha()}
+    holders = [
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "-p",
+                "batch",
+                "-N1",
+                "--exclusive",
+                "--output=/dev/null",
+                "--wrap",
+                "sleep 600",
+            ],
+            env=alpha_env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        *TINY,
+        "optim.lr=1e-3,3e-3",
+        "hydra/launcher=multicluster",
+        f"hydra.searchpath=[file://{testbed.conf_dir}]",
+        "hydra.launcher.clusters=[alpha]",
+        "hydra.launcher.poll_interval_s=0.5",
+        "hydra.launcher.timeout_min=5",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        queued: list[str] = []
+        deadline = time.monotonic() + 120
+        while len(queued) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            out = subprocess.run(
+                ["squeue", "-h", "-r", "-t", "PD", "-o", "%i"],
+                env=alpha_env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            queued = [i for i in out.split() if i not in holders]
+        assert len(queued) == 2, "the sweep's jobs never showed up in alpha's queue"
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        subprocess.run(["scancel", *holders], env=alpha_env, check=False)
+    assert "cancelled 2 jobs on alpha" in output
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i"],
+        env=alpha_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert not set(queued) & set(out.split())
+
+
+def test_composer_reuse_equals_a_full_hydra_composition(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from lingua_sweep.config import register_configs
+    from lingua_sweep.launcher import JobComposer
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        gh = GlobalHydra.instance()
+        master = gh.hydra.compose_config(
+            "config", ["experiment=debug", "cluster=local"], run_mode=RunMode.MULTIRUN
+        )
+        loader = gh.config_loader()
+        composer = JobComposer(
+            SimpleNamespace(hydra_context=SimpleNamespace(config_loader=loader), config=master)
+        )
+        local = load_clusters()["local"]
+        jobs = [
+            ["experiment=debug", "optim.lr=0.001", "optim.scheduler=cosine"],
+            ["experiment=debug", "optim.lr=0.003", "optim.scheduler=wsd"],
+            ["experiment=debug", "optim.lr=0.01", "optim.scheduler=wsd", "model.norm=layernorm"],
+        ]
+        for num, overrides in enumerate(jobs):
+            fast = composer.compose(overrides, num, local, str(tmp_path))
+            full = loader.load_sweep_config(
+                master, [*overrides, "cluster=local", f"hydra.sweep.dir={tmp_path}"]
+            )
+            with open_dict(full.hydra.job):
+                full.hydra.job.num = num
+            assert OmegaConf.to_container(fast) == OmegaConf.to_container(full), num
+        assert len(composer.cache) == 2  # the third job adds a key, so it is composed anew
+        with pytest.raises(UserError, match="job #9 .*optim.scheduler='nope'"):
+            composer.compose(["experiment=debug", "optim.scheduler=nope"], 9, local, "x")
