@@ -5,6 +5,7 @@ everything below reads it from the config.
 """
 
 import logging
+import os
 import sys
 
 import hydra
@@ -24,9 +25,12 @@ EX_TEMPFAIL = 75  # preempted: checkpoint written, the run should be retried
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from lingua_sweep.distributed import publish_run_dir
     from lingua_sweep.train import Preempted, run
 
     single_run = HydraConfig.get().mode == RunMode.RUN
+    if single_run:
+        publish_run_dir(HydraConfig.get().runtime.output_dir)  # torchrun: the others wait for it
     try:
         return run(cfg)
     except UserError as e:
@@ -58,6 +62,10 @@ def with_detected_cluster(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     try:
         sys.argv = with_detected_cluster(sys.argv)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: one run dir for all ranks
+            from lingua_sweep.distributed import torchrun_argv
+
+            sys.argv = torchrun_argv(sys.argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,7 +2,13 @@
 
 Everything is built by `build_*` factories from the typed config; the loop itself only steps,
 logs, evaluates, checkpoints and watches for preemption. Host syncs happen only at logging,
-evaluation and checkpoint steps, so the GPU is never stalled by bookkeeping.
+evaluation and checkpoint steps (and, across ranks, a preemption poll every 10 steps), so the GPU
+is never stalled by bookkeeping.
+
+Resume is exact: a checkpoint holds model, optimizer, scheduler, data position, RNG and the
+running loss/out window, so an interrupted fp32 run logs bitwise the losses of an uninterrupted
+one. SIGUSR2 (Slurm's warning) or SIGTERM: finish the step, checkpoint, raise `Preempted`
+(`train.py` exits 75; under submitit the agent chains to submitit's requeue handler).
 """
 
 import json
@@ -10,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +35,8 @@ log = logging.getLogger(__name__)
 KNOWN_VOCAB_SIZES = {"cl100k": 100277, "bytes": 258}
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError):
+    """Divergence (too high an lr, mostly): a one-line error, never a checkpoint of it."""
 
 
 class Preempted(Exception):  # noqa: N818 - a signal, not an error
@@ -84,6 +91,8 @@ def preflight(cfg: TrainConfig) -> None:
         )
     if cfg.steps <= 0:
         raise UserError(f"steps={cfg.steps} must be positive")
+    if cfg.optim.grad_acc_steps < 1:
+        raise UserError(f"optim.grad_acc_steps={cfg.optim.grad_acc_steps} must be >= 1")
 
 
 def job_id_from_env(environ=os.environ) -> str:
@@ -105,6 +114,9 @@ class PreemptionWatcher:
     def __init__(self):
         self.signum: int | None = None
         self.previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("training outside the main thread: preemption signals are not handled")
+            return  # Python only lets the main thread install signal handlers
         for sig in self.SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
 
@@ -140,6 +152,7 @@ def run(cfg, *, run_dir: Path | None = None, environ=os.environ) -> float:
     run_dir = run_dir or run_dir_of_hydra()
     env = distributed.init_distributed(tc.distributed, environ)
     try:
+        distributed.check_same_run_dir(run_dir, env)
         return train(tc, run_dir=run_dir, env=env, job_id=job_id_from_env(environ))
     finally:
         distributed.shutdown()
@@ -158,10 +171,13 @@ def _prepare_data(tc: TrainConfig, env: distributed.DistEnv, gpu: str | None) ->
     loader = build_train_loader(
         tc.data, tokenizer, rank=env.rank, world_size=env.world_size, batch_size=batch_size
     )
+    # Validation covers the same tokens whatever the A100 rule did to the micro-batch size, so
+    # loss/val compares across clusters.
+    val_batches = max(tc.logging.val_loss_batches, 1) * tc.data.batch_size // batch_size
     val = build_val_batches(
         tc.data,
         tokenizer,
-        n_batches=max(tc.logging.val_loss_batches, 1),
+        n_batches=val_batches,
         rank=env.rank,
         world_size=env.world_size,
         batch_size=batch_size,
@@ -199,14 +215,15 @@ def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: s
     net.to(env.device)
     flops_per_token = model.flops_per_token(tc.model, tc.data.seq_len)
     net = distributed.parallelize(net, tc.distributed, env)
+    param_bytes = distributed.local_param_bytes(net)  # now: a forward unshards FSDP's root
     optimizer = optim.build_optimizer(net, tc.optim)
     scheduler = optim.build_scheduler(optimizer, tc.optim, tc.steps)
 
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", env, keep=tc.checkpoint.dump.keep)
     resumed = ckpt.load_latest(model=net, optimizer=optimizer)
-    start_step = 0
+    start = {"step": 0, "loss_sum": 0.0, "steps_in_window": 0}
     if resumed is not None:
-        start_step = resumed["step"]
+        start.update({k: resumed[k] for k in start if k in resumed})
         scheduler.load_state_dict(resumed["scheduler"])
         data.loader.load_state_dict(resumed["data"])
 
@@ -221,7 +238,7 @@ def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: s
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(tc), run_dir / "config.yaml")
         if resumed is not None:
-            _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+            _truncate_metrics(run_dir / "metrics.jsonl", start["step"])
     logger = metrics.MetricLogger(tc, run_dir, identity, rank=env.rank)
     throughput = metrics.Throughput(
         flops_per_token=flops_per_token,
@@ -231,20 +248,26 @@ def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: s
     watcher = PreemptionWatcher()
     exit_code = 1
     try:
-        if start_step == 0:
+        if start["step"] == 0:
             logger.log(
                 0,
                 {
                     "loss/init": evaluate(net, data.val, tc, env),
                     "params": model.count_params(net),
+                    # rank 0's share: the full model under no_shard, 1/world under full_shard
+                    "param_bytes_local": param_bytes,
                     "gpu": gpu or "cpu",
+                    "world_size": env.world_size,
                     "micro_batch_size": data.micro_batch_size,
                     "grad_acc_steps": data.grad_acc_steps,
                 },
             )
-        final_val = _loop(
-            tc, net, optimizer, scheduler, data, ckpt, logger, throughput, watcher, env, start_step
-        )
+        if start["step"] >= tc.steps:  # a finished run started again: nothing left to train
+            final_val = evaluate(net, data.val, tc, env)
+        else:
+            final_val = _loop(
+                tc, net, optimizer, scheduler, data, ckpt, logger, throughput, watcher, env, start
+            )
         exit_code = 0
         return final_val
     except Preempted:
@@ -264,26 +287,46 @@ def _short_gpu_name(gpu: str | None) -> str | None:
     return next((key for key in metrics.PEAK_BF16_FLOPS if key in gpu), gpu)
 
 
+# Across ranks the preemption poll is a collective with a host sync: not every step.
+PREEMPTION_POLL_EVERY = 10
+
+
 def _loop(
-    tc, net, optimizer, scheduler, data, ckpt, logger, throughput, watcher, env, start_step: int
+    tc, net, optimizer, scheduler, data, ckpt, logger, throughput, watcher, env, start: dict
 ) -> float:
     tokens_per_step = data.micro_batch_size * tc.data.seq_len * data.grad_acc_steps
-    loss_sum = torch.zeros((), device=env.device)
-    steps_in_window = 0
+    # The running loss/out window is part of the resumable state, so a run resumed mid-window
+    # logs the same loss/out as one never interrupted.
+    loss_sum = torch.tensor(start["loss_sum"], dtype=torch.float32, device=env.device)
+    steps_in_window = start["steps_in_window"]
     last_val = math.nan
 
     def train_state(step: int) -> dict:
-        return {"step": step, "scheduler": scheduler.state_dict(), "data": data.loader.state_dict()}
+        return {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "data": data.loader.state_dict(),
+            "loss_sum": loss_sum.item(),
+            "steps_in_window": steps_in_window,
+        }
 
-    def check_finite(value: float, step: int) -> None:
+    def check_finite(value: float, step: int, what: str = "loss") -> None:
         if not math.isfinite(value):
+            kept = checkpoint.complete_checkpoints(ckpt.root)
             raise NonFiniteLossError(
-                f"loss is {value} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}); "
-                "training stopped, the last good checkpoint is kept: lower optim.lr or raise "
+                f"{what} is {value} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}); "
+                f"training stopped, last good checkpoint kept: "
+                f"{kept[0].name if kept else 'none written'}; lower optim.lr or raise "
                 "optim.warmup"
             )
 
-    for step in range(start_step + 1, tc.steps + 1):
+    def check_savable(step: int) -> None:
+        """Never checkpoint a diverged model: one sync here is cheap next to the save."""
+        check_finite(distributed.all_reduce_mean(loss.detach().clone(), env).item(), step)
+        if not distributed.all_finite(net.parameters(), env):
+            check_finite(math.nan, step, what="a parameter")
+
+    for step in range(start["step"] + 1, tc.steps + 1):
         for micro in range(data.grad_acc_steps):
             inputs, targets = next(data.loader)
             inputs = inputs.to(env.device, non_blocking=True)
@@ -322,21 +365,23 @@ def _loop(
             steps_in_window = 0
         if metrics.every_n_steps(step, tc.logging.val_loss_every) or last:
             last_val = evaluate(net, data.val, tc, env)
-            check_finite(last_val, step)
+            check_finite(last_val, step, what="val loss")
             logger.log(step, {"loss/val": last_val})
             throughput.reset()
         if metrics.every_n_steps(step, tc.checkpoint.eval.every):
+            check_savable(step)
             ckpt.save_eval(step=step, model=net)
-        # Across ranks the poll is a collective, so it rides on the logging steps' sync.
-        poll = env.world_size == 1 or metrics.every_n_steps(step, tc.logging.freq)
-        preempted = poll and distributed.any_rank(watcher.signum is not None, env)
-        if metrics.every_n_steps(step, tc.checkpoint.dump.every) or (preempted and not last):
-            if not metrics.every_n_steps(step, tc.logging.freq):
-                # never checkpoint a diverged model: one sync here is cheap next to the save
-                check_finite(distributed.all_reduce_mean(loss.detach(), env).item(), step)
+        poll = (
+            env.world_size == 1
+            or metrics.every_n_steps(step, tc.logging.freq)
+            or metrics.every_n_steps(step, PREEMPTION_POLL_EVERY)
+        )
+        preempted = poll and not last and distributed.any_rank(watcher.signum is not None, env)
+        if metrics.every_n_steps(step, tc.checkpoint.dump.every) or preempted:
+            check_savable(step)
             ckpt.save(step=step, model=net, optimizer=optimizer, train_state=train_state(step))
             throughput.reset()
-        if preempted and not last:
-            signum = watcher.signum or signal.SIGUSR2
+        if preempted:
+            signum = watcher.signum or signal.SIGUSR2  # another rank got the signal
             raise Preempted(step, signum, watcher.previous.get(signum))
     return last_val

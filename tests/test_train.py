@@ -1,0 +1,365 @@
+"""The trainer end to end: learning bar, torchrun (gloo) equivalence, exact resume, preemption.
+
+Runs are tiny (dim 64, 2 layers, the bytes tokenizer, a few dozen steps, one thread per
+process); only the learning bar runs the real debug preset. Most time is interpreter start-up of
+the subprocess and torchrun runs, which is why they are `slow`. Helpers here are imported by the
+other trainer test files (test_checkpoint, test_distributed, test_metrics).
+"""
+
+import contextlib
+import json
+import os
+import random
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lingua_sweep import corpus
+from lingua_sweep.config import DataConfig, register_configs
+from lingua_sweep.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model that trains in milliseconds per step; every step logged.
+TINY = [
+    "experiment=debug",
+    "cluster=local",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "data.batch_size=4",
+    "data.seq_len=64",
+    "optim.warmup=2",
+    "logging.freq=1",
+    "logging.val_loss_every=3",
+    "logging.val_loss_batches=2",
+    "steps=6",
+]
+
+# fp32 on CPU: one process vs two differ only in the order of the gradient reductions.
+RANKS_RTOL = 1e-5
+
+
+# --- helpers shared by the trainer tests ---------------------------------------------------
+
+
+def corpus_root(tmp_path_factory) -> Path:
+    """The embedded corpus, built once per test session (~9 s) under pytest's base temp dir."""
+    root = tmp_path_factory.getbasetemp() / "embedded_corpus"
+    corpus.ensure_embedded_corpus(DataConfig(root=str(root)))
+    return root
+
+
+def run_inprocess(run_dir: Path, *overrides: str, environ=None) -> float:
+    """`python train.py overrides` without a new interpreter: Hydra compose + `run`."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return run(cfg, run_dir=run_dir, environ=environ if environ is not None else {})
+
+
+def child_env(data_root: Path | None = None, **extra: str) -> dict:
+    """This environment minus anything that would make a child think it is in Slurm/torchrun."""
+    drop = ("SLURM_", "TORCHELASTIC_", "WANDB_")
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LINGUA_CLUSTER")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in names}
+    env["OMP_NUM_THREADS"] = "1"  # what torchrun gives each worker: same numerics everywhere
+    env["HYDRA_FULL_ERROR"] = "0"
+    if data_root is not None:
+        env["LINGUA_SWEEP_DATA"] = str(data_root)
+    env.update(extra)
+    return env
+
+
+def train_cmd(*overrides: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "train.py", *overrides]
+    # --standalone: a rendezvous on a free port, so concurrent test sessions don't collide.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, f"--nproc_per_node={nproc}", "train.py", *overrides]
+
+
+def train_proc(*overrides: str, env: dict, nproc: int = 1, check: bool = True):
+    proc = subprocess.run(
+        train_cmd(*overrides, nproc=nproc),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(records: list[dict], key: str) -> dict[int, float]:
+    """{step: value} of one metric; a step logged twice would be a resume bug, so it fails."""
+    out = {}
+    for r in records:
+        if key in r:
+            assert r["step"] not in out, f"{key} logged twice at step {r['step']}"
+            out[r["step"]] = r[key]
+    return out
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        if path.exists() and any(r.get("step", 0) >= step for r in _safe_records(path)):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached in {run_dir}")
+
+
+def _safe_records(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line being written
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    return corpus_root(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process runs on one thread, like every child here: on a shared 2-core machine torch's
+    default threads spin against other processes (measured: 4x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the debug preset learns ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_debug_preset_meets_the_learning_bar(data_root, tmp_path):
+    env = child_env(data_root)
+    train_proc("experiment=debug", "cluster=local", f"hydra.run.dir={tmp_path}", env=env)
+    records = read_metrics(tmp_path)
+    init = series(records, "loss/init")[0]
+    val = series(records, "loss/val")
+    final = val[max(val)]
+    assert max(val) == 200
+    assert final <= 0.7 * init, f"final loss/val {final:.3f} vs loss/init {init:.3f}"
+
+
+# --- config mistakes stop before training ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bad_overrides_exit_nonzero_with_a_one_line_cause(data_root, tmp_path):
+    cases = {
+        "optim.lrr=1": "Key 'lrr' not in 'OptimConfig'",
+        "steps=abc": "Value 'abc' of type 'str' could not be converted to Integer",
+        "optim.scheduler=nope": "error: optim.scheduler='nope' is not registered",
+        "model.vocab_size=5": "error: model.vocab_size=5 does not match tokenizer 'bytes'",
+    }
+    procs = {}
+    for i, override in enumerate(cases):  # concurrently: each is mostly interpreter start-up
+        cmd = train_cmd(
+            "experiment=debug", "cluster=local", override, f"hydra.run.dir={tmp_path}/{i}"
+        )
+        procs[override] = subprocess.Popen(
+            cmd, cwd=REPO, env=child_env(data_root), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    for i, (override, proc) in enumerate(procs.items()):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0, override
+        assert any(cases[override] in line for line in err.splitlines()), (override, err)
+        assert "Traceback" not in out + err, (override, err)
+        assert not (tmp_path / str(i) / "metrics.jsonl").exists(), override
+
+
+# --- 2 ranks (gloo) vs 1 rank with the same global batch -----------------------------------
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(string.ascii_lowercase + "    ") for _ in range(n))
+
+
+def _write_lines(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def same_global_batch_data(root: Path, *, rows_per_rank: int, seq_len: int) -> tuple[Path, Path]:
+    """Two data roots whose batches are the same global batch for 1 rank and for 2 ranks.
+
+    Every document is exactly one rank's micro-batch of bytes tokens (BOS + text + EOS) and all
+    lines have one byte length. For 2 ranks a file holds a0..an then b0..bn, so rank 0 reads the
+    a's and rank 1 the b's; for 1 rank it holds a0 b0 a1 b1 ..., so its double batch is a_t
+    then b_t. The one token a window reads past its end is a BOS in both layouts.
+    """
+    rng = random.Random(0)
+    n_chars = rows_per_rank * seq_len - 2
+    train = [(_text(rng, n_chars), _text(rng, n_chars)) for _ in range(24)]
+    val = [(_text(rng, n_chars), _text(rng, n_chars)) for _ in range(4)]
+    roots = root / "one_rank", root / "two_ranks"
+    chunk = "fineweb_edu_10bt_shuffled/fineweb_edu_10bt.chunk.00.jsonl"
+    val_file = "fineweb_edu_10bt_shuffled/fineweb_edu_10bt.val.jsonl"
+    for name, pairs in ((chunk, train), (val_file, val)):
+        _write_lines(roots[0] / name, [t for pair in pairs for t in pair])
+        _write_lines(roots[1] / name, [a for a, _ in pairs] + [b for _, b in pairs])
+    return roots
+
+
+EQUIV_STEPS = 40  # long enough for a signal to land mid-run
+EQUIV = [
+    *TINY, "data.seq_len=32", f"steps={EQUIV_STEPS}", "logging.val_loss_every=10",
+    "logging.val_loss_batches=3",
+]  # fmt: skip
+# 1 row x 2 micro-steps per rank: the same global batch of 4 rows, through the no-sync path;
+# 6 val batches of 1 row are the 3 of 2 rows per rank that the other runs evaluate.
+FULL_SHARD = [
+    *EQUIV, "data.batch_size=1", "optim.grad_acc_steps=2", "logging.val_loss_batches=6",
+    "distributed.fsdp_type=full_shard",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rank_runs(tmp_path_factory) -> dict[str, Path]:
+    """One rank (batch 4), and two ranks no_shard (2 per rank) and full_shard (1 x acc 2 each).
+
+    The no_shard run's directory is named by the microsecond: both ranks must still land in the
+    one directory that rank 0 composed.
+    """
+    tmp = tmp_path_factory.mktemp("ranks")
+    one, two = same_global_batch_data(tmp / "data", rows_per_rank=2, seq_len=32)
+    runs = {"one": tmp / "one", "no_shard": None, "full_shard": tmp / "full_shard"}
+    run_inprocess(runs["one"], *EQUIV, f"data.root={one}", "data.batch_size=4")
+    env = child_env()
+    train_proc(
+        *EQUIV, f"data.root={two}", "data.batch_size=2", "distributed.fsdp_type=no_shard",
+        "hydra.run.dir=${dump_base}/ns/${now:%H-%M-%S.%f}", f"dump_base={tmp}/outputs",
+        nproc=2, env=env,
+    )  # fmt: skip
+    (runs["no_shard"],) = (tmp / "outputs" / "ns").iterdir()  # microseconds, yet one dir
+    train_proc(
+        *FULL_SHARD, f"data.root={two}", f"hydra.run.dir={runs['full_shard']}", nproc=2, env=env,
+    )  # fmt: skip
+    runs["data_two"] = two
+    return runs
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_dir(rank_runs):
+    run_dir = rank_runs["no_shard"]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "metrics.jsonl").is_file()
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "hydra.run.dir" not in overrides  # rank 0 wrote .hydra/, not rank 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["no_shard", "full_shard"])
+def test_two_ranks_match_one_rank_with_the_same_global_batch(rank_runs, mode):
+    ref, got = read_metrics(rank_runs["one"]), read_metrics(rank_runs[mode])
+    for key in ("loss/init", "loss/out", "loss/val", "grad_norm"):
+        expected, actual = series(ref, key), series(got, key)
+        assert expected.keys() == actual.keys(), key
+        assert actual == pytest.approx(expected, rel=RANKS_RTOL), key
+    assert got[0]["world_size"] == 2 and got[0]["params"] == ref[0]["params"]
+
+
+@pytest.mark.slow
+def test_full_shard_really_shards(rank_runs):
+    full = read_metrics(rank_runs["one"])[0]["param_bytes_local"]
+    assert read_metrics(rank_runs["no_shard"])[0]["param_bytes_local"] == full
+    shard = read_metrics(rank_runs["full_shard"])[0]["param_bytes_local"]
+    assert shard == pytest.approx(full / 2, rel=0.02)
+
+
+@pytest.mark.slow
+def test_two_rank_run_stopped_by_sigterm_resumes_exactly(rank_runs, tmp_path):
+    """SIGTERM to torchrun (what Slurm and scancel send): the workers finish the step,
+    checkpoint together and exit; the same command again resumes and logs the same losses."""
+    run_dir = tmp_path / "run"
+    overrides = [*FULL_SHARD, f"data.root={rank_runs['data_two']}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        train_cmd(*overrides, nproc=2), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for_step(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-3000:]
+    (ckpt,) = (run_dir / "checkpoints").glob("step_*")
+    stopped = int(ckpt.name.removeprefix("step_"))
+    assert 2 <= stopped < EQUIV_STEPS, out[-3000:]
+    assert max(r["step"] for r in read_metrics(run_dir)) == stopped
+
+    train_proc(*overrides, nproc=2, env=child_env())
+    ref, got = read_metrics(rank_runs["full_shard"]), read_metrics(run_dir)
+    for key in ("loss/init", "loss/out", "loss/val"):
+        assert series(got, key) == series(ref, key), key  # bitwise: the same floats in JSON
+
+
+# --- preemption and exact resume on one rank -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigusr2_checkpoints_exits_75_and_the_rerun_resumes_exactly(data_root, tmp_path):
+    """Slurm's warning signal: finish the step, checkpoint, exit 75 (EX_TEMPFAIL); the same
+    command again resumes from that checkpoint and logs bitwise the losses of a run never
+    interrupted."""
+    overrides = [*TINY, "steps=40", "logging.val_loss_every=10"]
+    env = child_env(data_root)
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    popen = dict(cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = subprocess.Popen(train_cmd(*overrides, f"hydra.run.dir={ref_dir}"), **popen)
+    proc = subprocess.Popen(train_cmd(*overrides, f"hydra.run.dir={run_dir}"), **popen)
+    wait_for_step(run_dir, 2, proc)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    assert "preempted by SIGUSR2" in out
+    (ckpt,) = (run_dir / "checkpoints").glob("step_*")
+    stopped = int(ckpt.name.removeprefix("step_"))
+    assert max(r["step"] for r in read_metrics(run_dir)) == stopped < 40
+    assert reference.wait(timeout=120) == 0, reference.stdout.read()[-3000:]
+
+    train_proc(*overrides, f"hydra.run.dir={run_dir}", env=env)
+    ref, got = read_metrics(ref_dir), read_metrics(run_dir)
+    for key in ("loss/init", "loss/out", "loss/val", "grad_norm", "lr"):
+        assert series(got, key) == series(ref, key), key
+
+
+def test_nonfinite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    data_root, tmp_path
+):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from lingua_sweep.train import NonFiniteLossError
+
+    overrides = [*TINY, f"data.root={data_root}", "steps=30", "optim.lr=1e6"]
+    with pytest.raises(NonFiniteLossError, match=r"lower optim\.lr") as error:
+        run_inprocess(tmp_path, *overrides, "logging.freq=5", "checkpoint.dump.every=1")
+    kept = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert kept and kept[-1].name in str(error.value)
+    failed_at = int(str(error.value).split(" at step ")[1].split()[0])
+    assert int(kept[-1].name.removeprefix("step_")) < failed_at
+    dcp_to_torch_save(kept[-1], tmp_path / "last.pt")
+    state = torch.load(tmp_path / "last.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert "\n" not in str(error.value)
