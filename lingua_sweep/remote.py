@@ -146,13 +146,15 @@ def sync_code(
     own .venv, outputs) are left alone: --delete only removes files that are synced.
     """
     run(["mkdir", "-p", dest], login=login, ssh_options=ssh_options, timeout=timeout)
-    cmd = ["rsync", "-az", "--delete", *(f"--exclude={p}" for p in SYNC_EXCLUDES)]
-    if login:
-        ssh = ssh_command(ssh_options, connect_timeout=min(timeout, 30))
-        cmd += ["-e", shlex.join(ssh), f"{src}/", f"{login}:{dest}/"]
-    else:
-        cmd += [f"{src}/", f"{dest}/"]
-    run(cmd, login=None, timeout=timeout)
+    remote_dest = f"{login}:{dest}" if login else dest
+    _rsync(
+        f"{src}/",
+        f"{remote_dest}/",
+        ["--delete", *(f"--exclude={p}" for p in SYNC_EXCLUDES)],
+        login=login,
+        ssh_options=ssh_options,
+        timeout=timeout,
+    )
 
 
 def fetch_dir(
@@ -165,10 +167,27 @@ def fetch_dir(
 ) -> None:
     """Copies src on the login node into the local dir dest (rsync over ssh), minus `exclude`."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = ["rsync", "-az", *(f"--exclude={p}" for p in exclude)]
+    remote_src = f"{login}:{src}" if login else src
+    _rsync(
+        f"{remote_src}/",
+        f"{dest}/",
+        [f"--exclude={p}" for p in exclude],
+        login=login,
+        ssh_options=ssh_options,
+        timeout=timeout,
+    )
+
+
+def _rsync(
+    src: str,
+    dest: str,
+    options: list[str],
+    *,
+    login: str | None,
+    ssh_options: Sequence[str],
+    timeout: float,
+) -> None:
+    cmd = ["rsync", "-az", *options]
     if login:
-        ssh = ssh_command(ssh_options, connect_timeout=min(timeout, 30))
-        cmd += ["-e", shlex.join(ssh), f"{login}:{src}/", f"{dest}/"]
-    else:
-        cmd += [f"{src}/", f"{dest}/"]
-    run(cmd, login=None, timeout=timeout)
+        cmd += ["-e", shlex.join(ssh_command(ssh_options, connect_timeout=min(timeout, 30)))]
+    run([*cmd, src, dest], login=None, timeout=timeout)

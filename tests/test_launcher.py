@@ -124,6 +124,24 @@ def sacct_ids(testbed, cluster: str) -> set[str]:
     return set(out.split())
 
 
+def hold_alpha_node(testbed) -> str:
+    """Occupies one alpha node with a sleeping job; returns its id (scancel it after)."""
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "-p",
+        "batch",
+        "-N1",
+        "--exclusive",
+        "--output=/dev/null",
+        "--wrap",
+        "sleep 600",
+    ]
+    return subprocess.run(
+        cmd, env={**os.environ, **testbed.env_alpha()}, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def testbed_with_data(slurm_testbed):
     for name in ("alpha", "beta"):
@@ -139,23 +157,7 @@ def test_sweep_spreads_over_both_clusters_and_keeps_going_past_a_failed_job(
     testbed = testbed_with_data
     before = {c: sacct_ids(testbed, c) for c in ("alpha", "beta")}
     # Hold one alpha node, so alpha has idle room for only one of the four jobs.
-    holder = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "-p",
-            "batch",
-            "-N1",
-            "--exclusive",
-            "--output=/dev/null",
-            "--wrap",
-            "sleep 600",
-        ],
-        env={**os.environ, **testbed.env_alpha()},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    holder = hold_alpha_node(testbed)
     try:
         # lr=1e6 diverges: those jobs raise (non-finite loss) while the others complete.
         result = sweep(
@@ -304,26 +306,7 @@ def test_ctrl_c_cancels_the_submitted_jobs(tmp_path, testbed_with_data):
 
     testbed = testbed_with_data
     alpha_env = {**os.environ, **testbed.env_alpha()}
-    holders = [
-        subprocess.run(
-            [
-                "sbatch",
-                "--parsable",
-                "-p",
-                "batch",
-                "-N1",
-                "--exclusive",
-                "--output=/dev/null",
-                "--wrap",
-                "sleep 600",
-            ],
-            env=alpha_env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        for _ in range(2)
-    ]
+    holders = [hold_alpha_node(testbed) for _ in range(2)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
     cmd = [
         sys.executable,
