@@ -89,6 +89,8 @@ def preflight(cfg: TrainConfig) -> None:
             f"model.vocab_size={cfg.model.vocab_size} does not match tokenizer "
             f"{cfg.data.tokenizer.name!r} ({known}); set model.vocab_size=null to auto-fill"
         )
+    if cfg.model.n_layers < 1:
+        raise UserError(f"model.n_layers={cfg.model.n_layers} must be at least 1")
     if cfg.steps <= 0:
         raise UserError(f"steps={cfg.steps} must be positive")
     if cfg.optim.grad_acc_steps < 1:

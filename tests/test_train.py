@@ -173,6 +173,7 @@ def test_bad_overrides_exit_nonzero_with_a_one_line_cause(data_root, tmp_path):
         "steps=abc": "Value 'abc' of type 'str' could not be converted to Integer",
         "optim.scheduler=nope": "error: optim.scheduler='nope' is not registered",
         "model.vocab_size=5": "error: model.vocab_size=5 does not match tokenizer 'bytes'",
+        "model.n_layers=0": "error: model.n_layers=0 must be at least 1",
     }
     procs = {}
     for i, override in enumerate(cases):  # concurrently: each is mostly interpreter start-up
