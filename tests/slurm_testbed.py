@@ -44,7 +44,6 @@ PORTS = {
 }
 NODES = {"alpha": ["alpha1", "alpha2"], "beta": ["beta1", "beta2"]}
 BETA_LOGIN = "beta-hn"
-DB_PASSWORD = "testbed"  # a loopback-only throwaway database; not a secret
 PACKAGES = "slurm-wlm slurmdbd munge mariadb-server openssh-server openssh-client rsync"
 COMMANDS = [
     "munged", "mariadbd", "mariadb-install-db", "mariadb", "mariadb-admin", "slurmdbd",
@@ -282,7 +281,6 @@ StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
 StoragePort={PORTS["mariadb"]}
 StorageUser=slurm
-StoragePass={DB_PASSWORD}
 StorageLoc=slurm_acct_db
 """,
         mode=0o600,  # slurmdbd insists: it holds the database password
@@ -468,7 +466,8 @@ def _start_mariadb(lay: _Layout) -> None:
     _wait("mariadbd", ping, 60, [lay.logs / "mariadbd.log"], [proc])
     sql = (
         "CREATE DATABASE IF NOT EXISTS slurm_acct_db;"
-        f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{DB_PASSWORD}';"
+        # No password at all: the database is private to the testbed and bound to loopback.
+        "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1';"
         "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
     )
     _sh(["mariadb", "--no-defaults", f"--socket={lay.mysql_socket}", "-e", sql])
