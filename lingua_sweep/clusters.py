@@ -10,15 +10,15 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lingua_sweep import remote
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
+from lingua_sweep.sweep import remote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO_ROOT / "conf" / "cluster"
@@ -121,6 +121,20 @@ def detect_cluster(
 
 
 @dataclass(kw_only=True)
+class NodeRoom:
+    """What one node of the partition could still give a job now."""
+
+    name: str
+    state: str  # sinfo's short state: idle, mix, alloc, drain, down, idle*, ...
+    free_cpus: int
+    free_gpus: int
+
+
+# Nodes in these states take new jobs (`*`: not responding, `~`: powered off, `#`: powering up).
+USABLE_NODE_STATES = ("idle", "mix")
+
+
+@dataclass(kw_only=True)
 class ClusterStatus:
     name: str
     state: str  # idle | busy | unreachable | local
@@ -128,6 +142,7 @@ class ClusterStatus:
     total_nodes: int  # nodes of the partition, excluded ones not counted
     reason: str | None
     elapsed_s: float
+    nodes: list[NodeRoom] = field(default_factory=list)
 
 
 def probe(clusters: Sequence[ClusterConfig], timeout_s: float | None = None) -> list[ClusterStatus]:
@@ -190,7 +205,8 @@ def _probe_one(cluster: ClusterConfig, timeout: float) -> ClusterStatus:
             name=cluster.name, state="local", idle_nodes=1, total_nodes=1, reason=None,
             elapsed_s=0.0,
         )  # fmt: skip
-    argv = ["sinfo", "--noheader", "--Node", "--format=%N|%t"]
+    fields = "NodeList:|,StateCompact:|,CPUsState:|,Gres:|,GresUsed:|"
+    argv = ["sinfo", "--noheader", "--Node", f"--Format={fields}"]
     if cluster.partition:
         argv.append(f"--partition={cluster.partition}")
     try:
@@ -199,19 +215,19 @@ def _probe_one(cluster: ClusterConfig, timeout: float) -> ClusterStatus:
             login=cluster.login,
             ssh_options=cluster.ssh_options,
             timeout=timeout,
-            env=getattr(cluster, "env", None) or None,  # e.g. SLURM_CONF for a second cluster
+            env=cluster.env or None,  # e.g. SLURM_CONF for a second cluster
         )
     except remote.RemoteError as e:
         return _unreachable(cluster, e.reason)
 
     # One line per node and partition; with --partition each node appears once.
-    states: dict[str, str] = {}
+    nodes: dict[str, NodeRoom] = {}
     for line in proc.stdout.splitlines():
-        node, _, state = line.strip().partition("|")
-        if node and node not in cluster.exclude:
-            states[node] = state
-    idle = sum(s == "idle" for s in states.values())  # idle* (not responding) etc. is not idle
-    total = len(states)
+        node = parse_sinfo_node(line)
+        if node and node.name not in cluster.exclude:
+            nodes[node.name] = node
+    idle = sum(n.state == "idle" for n in nodes.values())
+    total = len(nodes)
     if total == 0:
         where = f"partition {cluster.partition!r}" if cluster.partition else "the cluster"
         return ClusterStatus(
@@ -225,7 +241,40 @@ def _probe_one(cluster: ClusterConfig, timeout: float) -> ClusterStatus:
         total_nodes=total,
         reason=None if idle else f"0/{total} nodes idle",
         elapsed_s=0.0,
+        nodes=list(nodes.values()),
     )
+
+
+def parse_sinfo_node(line: str) -> NodeRoom | None:
+    """One `sinfo -N -O NodeList:|,StateCompact:|,CPUsState:|,Gres:|,GresUsed:|` line."""
+    parts = [p.strip() for p in line.strip().split("|")]
+    if len(parts) < 5 or not parts[0]:
+        return None
+    name, state, cpus, gres, gres_used = parts[:5]
+    try:
+        free_cpus = int(cpus.split("/")[1])  # allocated/idle/other/total
+    except (IndexError, ValueError):
+        free_cpus = 0
+    usable = state in USABLE_NODE_STATES
+    free_gpus = max(0, count_gpus(gres) - count_gpus(gres_used))
+    return NodeRoom(
+        name=name,
+        state=state,
+        free_cpus=free_cpus if usable else 0,
+        free_gpus=free_gpus if usable else 0,
+    )
+
+
+def count_gpus(gres: str) -> int:
+    """GPUs in a GRES string: `gpu:4`, `gpu:a100:8(S:0-1)`, `gpu:h100:2(IDX:0-1),shard:0`."""
+    total = 0
+    for item in gres.split(","):
+        item = item.split("(")[0]
+        if not item.startswith("gpu:"):
+            continue
+        count = item.rsplit(":", 1)[-1]
+        total += int(count) if count.isdigit() else 0
+    return total
 
 
 # --- selection -----------------------------------------------------------------------------

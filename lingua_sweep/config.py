@@ -30,11 +30,17 @@ class ClusterConfig:
     exclude: list[str] = field(default_factory=list)  # known bad nodes, never counted or used
     data_root: str = MISSING
     output_root: str = MISSING
-    # Shell lines a job runs before python (e.g. module loads); `python` is how it starts python.
+    # Login node: shell lines that build the environment (e.g. `uv sync --frozen`), run once
+    # per code snapshot with UV_PROJECT_ENVIRONMENT set to `env_root/<hash of uv.lock>`;
+    # `python` then starts that environment's python (jobs inherit it).
     setup: list[str] = field(default_factory=list)
     python: str = "python"
-    # Where the code is synced to on a remote login node (relative to the remote home).
+    job_setup: list[str] = field(default_factory=list)  # lines each job runs first (module load)
+    # On a remote login node (relative to the remote home): one immutable dir per code snapshot
+    # under remote_code_dir; environments, shared by snapshots with the same uv.lock, under
+    # env_root (put both on a big filesystem: login nodes can have small root partitions).
     remote_code_dir: str = "lingua_sweep_code"
+    env_root: str = "lingua_sweep_envs"
     hostname_patterns: list[str] = field(default_factory=list)  # fnmatch, for detection
     priority: int = 100  # lower is preferred
     slurm: bool = True  # false: run jobs as local processes (the `local` cluster)

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from lingua_sweep import remote
-from lingua_sweep.remote import RemoteError
+from lingua_sweep.sweep import remote
+from lingua_sweep.sweep.remote import RemoteError
 
 TRICKY = ["a b", "$HOME", "it's", 'say "hi"', "; rm -rf /tmp/nothing", "*", ""]
 

@@ -1,13 +1,18 @@
 """Run a command on this machine or on a cluster's login node over ssh, the same way.
 
 ssh always runs with BatchMode=yes: authentication is the user's own ssh config and keys, and a
-missing key fails at once instead of prompting for a password.
+missing key fails at once instead of prompting for a password. Every call to one login node
+goes through one multiplexed connection (ControlMaster, sockets in a private dir), so a sweep
+authenticates once; a login node that wants a password and a second factor is opened by the user
+with `lingua-sweep login CLUSTER` (ssh itself asks; nothing here ever sees the password).
 """
 
 import contextlib
+import hashlib
 import os
 import shlex
 import signal
+import stat
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,14 +51,51 @@ def _tail(text: str, lines: int = 20, chars: int = 2000) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])[-chars:]
 
 
-def ssh_command(ssh_options: Sequence[str] = (), *, connect_timeout: float) -> list[str]:
-    """The ssh prefix: non-interactive, bounded connect time, the cluster's own options."""
+CONTROL_PERSIST_S = 600  # a master outlives a sweep's quiet minutes, not the user's day
+
+
+def control_dir() -> Path:
+    """The private dir of the ControlMaster sockets: short (sockets have a 108-byte path limit),
+    owned by this user and closed to everyone else."""
+    d = Path(os.environ.get("LINGUA_SWEEP_SSH_DIR") or f"/tmp/lingua_sweep-ssh-{os.getuid()}")
+    d.mkdir(mode=0o700, exist_ok=True)
+    info = d.stat()
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise RuntimeError(f"{d} must belong to you with mode 700 (it holds ssh sockets)")
+    return d
+
+
+def control_options() -> list[str]:
+    return [
+        "-o", "ControlMaster=auto",
+        "-o", f"ControlPath={control_dir()}/%C",
+        "-o", f"ControlPersist={CONTROL_PERSIST_S}",
+    ]  # fmt: skip
+
+
+def ssh_command(
+    ssh_options: Sequence[str] = (), *, connect_timeout: float, multiplex: bool = True
+) -> list[str]:
+    """The ssh prefix: non-interactive, bounded connect time, shared connection, own options."""
     return [
         "ssh",
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={max(1, int(connect_timeout))}",
+        *(control_options() if multiplex else []),
         *ssh_options,
     ]  # fmt: skip
+
+
+def open_master(login: str, ssh_options: Sequence[str] = ()) -> int:
+    """Opens the shared connection interactively: ssh asks for the password/2FA on the tty."""
+    argv = ["ssh", *control_options(), "-o", "ControlMaster=yes", *ssh_options, "-fN", login]
+    return subprocess.run(argv, check=False).returncode
+
+
+def close_master(login: str, ssh_options: Sequence[str] = ()) -> None:
+    """Ends the shared connection to `login` (the next call opens a fresh one)."""
+    argv = ["ssh", *control_options(), *ssh_options, "-O", "exit", login]
+    subprocess.run(argv, check=False, capture_output=True, timeout=30)
 
 
 def run(
@@ -155,6 +197,67 @@ def sync_code(
         ssh_options=ssh_options,
         timeout=timeout,
     )
+
+
+def tree_hash(src: Path) -> str:
+    """A hash of every file sync_code would copy (paths and contents): the snapshot's name."""
+    digest = hashlib.sha256()
+    for path in sorted(_synced_files(src)):
+        rel = path.relative_to(src).as_posix()
+        digest.update(rel.encode() + b"\0")
+        digest.update(path.read_bytes() if not path.is_symlink() else os.readlink(path).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _synced_files(src: Path):
+    for root, dirs, files in os.walk(src):
+        rel_root = Path(root).relative_to(src)
+        dirs[:] = [d for d in dirs if not _excluded(rel_root / d)]
+        for name in files:
+            if not _excluded(rel_root / name):
+                yield Path(root) / name
+
+
+def _excluded(rel: Path) -> bool:
+    for pattern in SYNC_EXCLUDES:
+        if pattern.startswith("/"):
+            if rel.as_posix() == pattern[1:]:
+                return True
+        elif any(Path(part).match(pattern) for part in rel.parts):
+            return True
+    return False
+
+
+def sync_snapshot(
+    src: Path,
+    login: str | None,
+    root: str,
+    ssh_options: Sequence[str] = (),
+    timeout: float = 300,
+) -> str:
+    """Copies src to `root/<hash of its files>` once and returns that dir; never changes it later.
+
+    A later sweep with other code gets another dir, so the code under pending and requeued jobs
+    of this one stays what they were submitted with. The copy lands in a temporary dir first and
+    is renamed into place, so a half-copied snapshot is never used.
+    """
+    dest = f"{root.rstrip('/')}/{tree_hash(src)}"
+    exists = run(["test", "-d", dest], login=login, ssh_options=ssh_options, timeout=timeout,
+                 check=False)  # fmt: skip
+    if exists.returncode == 0:
+        return dest
+    tmp = f"{dest}.incoming.{os.getpid()}"
+    sync_code(src, login, tmp, ssh_options=ssh_options, timeout=timeout)
+    moved = run(["mv", "-T", tmp, dest], login=login, ssh_options=ssh_options, timeout=timeout,
+                check=False)  # fmt: skip
+    if moved.returncode != 0:  # another sweep renamed the same snapshot first: same content
+        run(["rm", "-rf", tmp], login=login, ssh_options=ssh_options, timeout=timeout, check=False)
+    return dest
 
 
 def fetch_dir(

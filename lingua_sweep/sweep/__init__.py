@@ -1,0 +1,11 @@
+"""The sweep controller: a sweep's jobs from composition to results, durable across launchers.
+
+journal     the sweep's durable state (append-only JSONL): jobs, ids, states, results
+compose     compose + validate each job's config, and the hash that pins it
+remote      ssh/rsync through one multiplexed connection per login node
+agent       what runs where a cluster's Slurm is: submit, query, read results, cancel
+backends    one protocol for a cluster: in-process (local Slurm, `local`) or over ssh
+dispatch    which queued job goes to which cluster now, and moving long-pending jobs
+controller  the loop tying journal, backends and dispatch together
+monitor     the live view of a running sweep
+"""

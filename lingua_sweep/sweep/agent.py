@@ -1,0 +1,370 @@
+"""What runs where a cluster's Slurm is: on this machine, or on a login node over ssh.
+
+submitit needs its job folder on the cluster's filesystem and the cluster's own `squeue` and
+`sacct`, so for a remote cluster this module runs ON the login node (`python -m
+lingua_sweep.sweep.agent CMD` in the sweep's code snapshot), and for a local one the backend
+calls the same functions in-process. Requests and replies are small JSON, except jobs and
+return values, which travel cloudpickled and base64-encoded.
+
+    submit  --folder F --params JSON --name N  < tasks   -> JSON list of job ids
+    poll                                       < JSON    -> states, finished outcomes, file tails
+    find    --name N                                     -> JSON list of job ids of that batch
+    cancel  --jobs ID,...
+    check   --paths P,...                                -> JSON list of the paths that are missing
+"""
+
+import argparse
+import base64
+import contextlib
+import getpass
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+STATUS_FILE = "status.json"
+# Slurm states after which a job will not run again. PREEMPTED, REQUEUED, SUSPENDED etc. are
+# not among them: submitit requeues a preempted job, and it comes back as the same id.
+FINAL_SLURM_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+    "DEADLINE",
+}  # fmt: skip
+WHY_FAILED = {
+    "TIMEOUT": "time limit reached (raise hydra.launcher.timeout_min)",
+    "OUT_OF_MEMORY": "out of memory (raise hydra.launcher.mem_gb)",
+    "NODE_FAIL": "node failure",
+    "BOOT_FAIL": "node failed to boot",
+    "DEADLINE": "deadline reached",
+}
+SLURM_TIMEOUT_S = 60.0
+
+
+def write_status(job_dir: Path, **fields: Any) -> None:
+    """status.json beside metrics.jsonl: what `lingua-sweep results` reads, also mid-sweep."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / STATUS_FILE
+    try:
+        current = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        current = {}
+    current.update(fields, updated=time.time())
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(current, indent=1, default=str))
+    tmp.replace(path)
+
+
+class JobTask:
+    """One fully composed Hydra job, runnable on a compute node without Hydra's config loader.
+
+    Every task of a job (one per GPU) runs it; rank 0 writes status.json. A raised error is
+    raised again after it is recorded, so submitit stores it and Slurm says FAILED.
+    """
+
+    def __init__(self, *, task_function, config, job_num: int, cluster: str):
+        self.task_function = task_function
+        self.config = config
+        self.job_num = job_num
+        self.cluster = cluster
+
+    def __call__(self):
+        import submitit
+        from hydra.core.utils import JobStatus, run_job, setup_globals
+        from hydra.types import HydraContext
+        from omegaconf import open_dict
+
+        setup_globals()
+        os.environ["LINGUA_CLUSTER"] = self.cluster  # any app can tell where it runs
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            # One process per GPU: expose torchrun's variables for torch.distributed.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        config = self.config.copy()
+        with open_dict(config.hydra.job):
+            config.hydra.job.id = str(env.job_id)
+            config.hydra.job.num = self.job_num
+        job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+        main = env.global_rank == 0
+        if main:
+            write_status(
+                job_dir, status="RUNNING", job_id=str(env.job_id), cluster=self.cluster,
+                host=socket.gethostname(), started=time.time(), tasks=env.num_tasks,
+            )  # fmt: skip
+        context = HydraContext(config_loader=None, callbacks=_no_callbacks())
+        ret = run_job(
+            hydra_context=context,
+            task_function=self.task_function,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+        if ret.status != JobStatus.FAILED:
+            if main:
+                write_status(job_dir, status="COMPLETED", error=None, finished=time.time())
+            return ret._return_value
+        error = ret._return_value
+        previous_handler = getattr(error, "previous_handler", None)  # trainer's Preempted
+        if callable(previous_handler):
+            if main:
+                write_status(job_dir, status="PREEMPTED", error=str(error))
+            previous_handler(error.signum, None)  # submitit: requeue, then exit
+        if main:
+            write_status(
+                job_dir, status="FAILED", error=error_line(error), finished=time.time(),
+                traceback="".join(traceback.format_exception(error)),
+            )  # fmt: skip
+        raise error
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        # Requeue the same job: the trainer resumes from its own latest checkpoint.
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _no_callbacks():
+    from hydra._internal.callbacks import Callbacks
+
+    return Callbacks(config=None)
+
+
+def error_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def last_line(traceback_text: str) -> str:
+    """The exception line of a formatted traceback: what went wrong, without the frames."""
+    lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith((" ", "\t")) and ":" in line:
+            return line.strip()
+    return lines[-1].strip() if lines else "unknown error"
+
+
+# --- submitting -----------------------------------------------------------------------------
+
+
+def make_executor(*, folder: str, params: dict[str, Any], slurm: bool):
+    import submitit
+
+    params = dict(params)
+    max_num_timeout = params.pop("max_num_timeout", 3)
+    if not slurm:
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_num_timeout)
+        executor.update_parameters(timeout_min=params.get("time", 60), tasks_per_node=1, nodes=1)
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_num_timeout)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def submit(tasks: list[JobTask], *, folder: str, params: dict[str, Any], slurm: bool) -> list[str]:
+    """Submits the tasks as one array (one sbatch call, named params["job_name"]); their ids."""
+    executor = make_executor(folder=folder, params=params, slurm=slurm)
+    if not slurm:
+        jobs = [executor.submit(task) for task in tasks]
+        for job in jobs:
+            job._cancel_at_deletion = False  # the journal owns its lifetime, not this object
+        return [str(job.job_id) for job in jobs]
+    with executor.batch():
+        jobs = [executor.submit(task) for task in tasks]
+    return [str(job.job_id) for job in jobs]
+
+
+# --- watching -------------------------------------------------------------------------------
+
+
+def _slurm(argv: list[str]) -> str:
+    from lingua_sweep.sweep import remote
+
+    return remote.run(argv, login=None, timeout=SLURM_TIMEOUT_S).stdout
+
+
+def slurm_states(ids: list[str]) -> dict[str, dict[str, str]]:
+    """{id: {state, reason}} from one `squeue` and, for ids it no longer shows, one `sacct`.
+
+    A job sacct does not know yet (slurmdbd lags sbatch by a second or two) is UNKNOWN, which
+    is not final: it is asked again at the next poll.
+    """
+    if not ids:
+        return {}
+    wanted = set(ids)
+    found: dict[str, dict[str, str]] = {}
+    out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"])
+    for line in out.splitlines():
+        job_id, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if job_id in wanted:
+            found[job_id] = {"state": state, "reason": "" if reason == "None" else reason}
+    rest = [i for i in ids if i not in found]
+    if rest:
+        argv = ["sacct", "-X", "-n", "-P", "-j", ",".join(rest), "-o", "JobID,State,ExitCode"]
+        out = _slurm(argv)
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[0] in wanted and parts[0] not in found:
+                found[parts[0]] = {"state": parts[1].split()[0], "exit": parts[2]}
+    return {i: found.get(i, {"state": "UNKNOWN"}) for i in ids}
+
+
+def local_state(folder: str, job_id: str, tasks: int) -> dict[str, str]:
+    """A `local` cluster job is a process tree on this machine: done when its results exist."""
+    from submitit.core.utils import JobPaths
+
+    if all(JobPaths(folder, job_id, t).result_pickle.exists() for t in range(tasks)):
+        return {"state": "COMPLETED"}
+    return {"state": "RUNNING"} if _alive(int(job_id)) else {"state": "FAILED", "exit": "died"}
+
+
+def _alive(pid: int) -> bool:
+    # Reap it if it is our exited child; not our child (a resumed launcher): /proc tells.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and b"submitit" in cmdline
+
+
+def outcome(folder: str, job_id: str, tasks: int, state: dict[str, str]) -> dict[str, Any]:
+    """A final job's result: rank 0's return value, or the first failing rank's error."""
+    from submitit.core.utils import JobPaths
+
+    slurm_state = state["state"]
+    if slurm_state == "CANCELLED":
+        return {"status": "CANCELLED", "error": "cancelled (scancel)"}
+    results: dict[int, tuple] = {}
+    for task in range(tasks):
+        path = JobPaths(folder, job_id, task).result_pickle
+        if path.exists():
+            try:
+                with path.open("rb") as f:
+                    results[task] = cloudpickle.load(f)
+            except Exception as e:  # noqa: BLE001 - any unreadable result is that rank's failure
+                results[task] = ("error", f"unreadable result {path}: {e}")
+    for task, (kind, value) in sorted(results.items()):
+        if kind == "error":
+            where = f"rank {task}: " if tasks > 1 else ""
+            return {"status": "FAILED", "error": where + last_line(str(value)), "rank": task}
+    missing = [t for t in range(tasks) if t not in results]
+    if not missing and slurm_state in ("COMPLETED", "FINISHED"):
+        return {"status": "COMPLETED", "value": results[0][1]}
+    why = WHY_FAILED.get(slurm_state, f"{slurm_state} (exit {state.get('exit', '?')})")
+    log = JobPaths(folder, job_id, missing[0] if missing else 0).stderr
+    return {"status": "FAILED", "error": f"{why}; no result from rank(s) {missing}; see {log}"}
+
+
+def tail_text(path: str, max_bytes: int = 200_000) -> str | None:
+    """The end of a (growing) text file, from a line start; None when it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return None
+    if size > max_bytes:
+        data = data.split(b"\n", 1)[-1]
+    return data.decode(errors="replace")
+
+
+def poll(request: dict[str, Any], *, slurm: bool) -> dict[str, Any]:
+    """One poll of a cluster: every job's state, the outcomes of final ones, and file tails.
+
+    request: {"jobs": [{"id", "folder", "tasks"}], "files": [path, ...]}
+    """
+    jobs = request.get("jobs", [])
+    if slurm:
+        states = slurm_states([j["id"] for j in jobs])
+    else:
+        states = {j["id"]: local_state(j["folder"], j["id"], j["tasks"]) for j in jobs}
+    outcomes = {}
+    for j in jobs:
+        state = states[j["id"]]
+        if state["state"] in FINAL_SLURM_STATES:
+            outcomes[j["id"]] = outcome(j["folder"], j["id"], j["tasks"], state)
+    files = {path: tail_text(path) for path in request.get("files", [])}
+    return {"states": states, "outcomes": outcomes, "files": files}
+
+
+def find_batch(name: str) -> list[str]:
+    """Ids of the jobs of one submission (Slurm job name), in array order: for a launcher that
+    died between sbatch and writing the ids down."""
+    ids = set()
+    out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-n", name, "-o", "%i"])
+    ids.update(line.strip() for line in out.splitlines() if line.strip())
+    out = _slurm(["sacct", "-X", "-n", "-P", "-S", "now-7days", "--name", name, "-o", "JobID"])
+    ids.update(line.strip() for line in out.splitlines() if line.strip() and "[" not in line)
+    return sorted(ids, key=_array_order)
+
+
+def _array_order(job_id: str) -> tuple[int, int]:
+    base, _, index = job_id.partition("_")
+    return int(base), int(index or 0)
+
+
+def cancel(job_ids: list[str], *, slurm: bool) -> None:
+    import signal
+
+    if not job_ids:
+        return
+    if slurm:
+        _slurm(["scancel", *job_ids])
+        return
+    for pid in job_ids:
+        if _alive(int(pid)):
+            os.kill(int(pid), signal.SIGINT)  # submitit's local controller stops its tasks
+
+
+def missing_paths(paths: list[str]) -> list[str]:
+    return [p for p in paths if not Path(p).exists()]
+
+
+# --- CLI, run on a remote login node --------------------------------------------------------
+
+
+def _b64(obj: Any) -> bytes:
+    return base64.b64encode(cloudpickle.dumps(obj)) + b"\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lingua_sweep.sweep.agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit")
+    p.add_argument("--folder", required=True)
+    p.add_argument("--params", required=True, help="JSON of sbatch parameters")
+    sub.add_parser("poll")
+    p = sub.add_parser("find")
+    p.add_argument("--name", required=True)
+    p = sub.add_parser("cancel")
+    p.add_argument("--jobs", required=True)
+    p = sub.add_parser("check")
+    p.add_argument("--paths", required=True)
+    args = parser.parse_args(argv)
+
+    out = sys.stdout.buffer
+    if args.command == "submit":
+        tasks = cloudpickle.loads(base64.b64decode(sys.stdin.buffer.read()))
+        ids = submit(tasks, folder=args.folder, params=json.loads(args.params), slurm=True)
+        out.write(json.dumps(ids).encode() + b"\n")
+    elif args.command == "poll":
+        out.write(_b64(poll(json.loads(sys.stdin.read()), slurm=True)))
+    elif args.command == "find":
+        out.write(json.dumps(find_batch(args.name)).encode() + b"\n")
+    elif args.command == "cancel":
+        cancel(args.jobs.split(","), slurm=True)
+    elif args.command == "check":
+        out.write(json.dumps(missing_paths(json.loads(args.paths))).encode() + b"\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The sweep's durable state: an append-only JSONL file in the sweep dir, `journal.jsonl`.
+
+Every fact the controller learns is appended before it acts on it (a job registered, a
+submission about to happen, the ids Slurm gave, each state change, the result), so a launcher
+killed at any moment leaves a journal from which a new one picks the sweep up. `status`,
+`cancel`, `resume` and `results` read it; nothing else holds the truth.
+
+Why JSONL and not SQLite: one `write()` of one line with O_APPEND is atomic on a local disk and
+survives `kill -9`, a torn last line (power loss, full disk) is simply skipped on read, and the
+file can be read with `cat`, `jq` or `tail -f` from any machine, also over NFS, where SQLite's
+locking is unreliable. Replaying a few thousand lines takes milliseconds.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lingua_sweep.errors import UserError
+
+JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = ".launcher.lock"
+VERSION = 1
+
+# Our own job states. QUEUED: not yet on a cluster; SUBMITTING: sbatch may have happened (an
+# intent without its ids); the Slurm states in between; then one of FINAL.
+QUEUED = "QUEUED"
+SUBMITTING = "SUBMITTING"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "PRUNED")
+
+
+@dataclass
+class JobEntry:
+    index: int
+    overrides: list[str]
+    config_hash: str
+    trial: int | None = None  # Optuna's trial number, for the async sweeper
+    state: str = QUEUED
+    cluster: str | None = None
+    job_id: str | None = None
+    folder: str | None = None  # submitit's folder on the cluster's filesystem (with %j)
+    remote_dir: str | None = None  # the job's output dir on the cluster; None: on this machine
+    tasks: int = 1
+    batch: str | None = None  # the Slurm job name of the submission it went in
+    submitted_at: float | None = None
+    started_at: float | None = None  # first seen RUNNING
+    ended_at: float | None = None
+    moves: int = 0  # resubmissions elsewhere after pending too long
+    history: list[list] = field(default_factory=list)  # [time, state, note]
+    result: dict[str, Any] | None = None  # {status, value, error, step}
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+
+@dataclass
+class SweepState:
+    header: dict[str, Any]
+    jobs: dict[int, JobEntry]
+    intents: dict[str, dict]  # batch name -> intent, until its `submitted` record arrives
+    cancel_requested: bool = False
+    extra: list[dict] = field(default_factory=list)  # records of other kinds (study, notes)
+
+
+class Journal:
+    def __init__(self, sweep_dir: str | Path):
+        self.dir = Path(sweep_dir)
+        self.path = self.dir / JOURNAL_FILE
+        self._lock_fd: int | None = None
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def append(self, kind: str, **fields: Any) -> dict:
+        record = {"kind": kind, "t": round(time.time(), 3), **fields}
+        line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if _ends_torn(fd):
+                line = b"\n" + line  # a crash tore the last line: start ours on a fresh one
+            os.write(fd, line)
+            os.fsync(fd)
+        except OSError as e:
+            raise UserError(f"cannot write the sweep journal {self.path}: {_os_reason(e)}") from e
+        finally:
+            os.close(fd)
+        return record
+
+    def lock(self) -> None:
+        """One controller per sweep: a second launcher or `resume` fails at once, naming the first.
+
+        flock dies with its process, so a `kill -9`ed launcher never leaves a stale lock.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(
+                f"sweep {self.dir} is already being run by {holder}; watch it with "
+                f"`lingua-sweep status {self.dir}` or stop that process first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_bytes().splitlines():
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue  # a torn line from a crash mid-write: the record never happened
+            if isinstance(record, dict) and "kind" in record:
+                out.append(record)
+        return out
+
+    def replay(self) -> SweepState:
+        return replay(self.records())
+
+
+def replay(records: list[dict]) -> SweepState:
+    state = SweepState(header={}, jobs={}, intents={})
+    for r in records:
+        apply(state, r)
+    return state
+
+
+def apply(state: SweepState, r: dict) -> None:
+    """One record's effect on the state: the only place that interprets records."""
+    kind, t = r["kind"], r["t"]
+    job = state.jobs.get(r.get("index")) if "index" in r else None
+    if kind == "sweep":
+        state.header = r
+    elif kind == "job":
+        state.jobs[r["index"]] = JobEntry(
+            index=r["index"],
+            overrides=list(r["overrides"]),
+            config_hash=r["config_hash"],
+            trial=r.get("trial"),
+            history=[[t, QUEUED, None]],
+        )
+    elif kind == "intent":
+        state.intents[r["batch"]] = r
+        for i in r["indices"]:
+            _set_state(state.jobs[i], t, SUBMITTING, r["cluster"])
+            state.jobs[i].cluster = r["cluster"]
+            state.jobs[i].batch = r["batch"]
+    elif kind == "submitted":
+        state.intents.pop(r["batch"], None)
+        for index, job_id in r["job_ids"].items():
+            entry = state.jobs[int(index)]
+            entry.cluster, entry.job_id, entry.batch = r["cluster"], job_id, r["batch"]
+            entry.folder, entry.tasks = r["folder"], r["tasks"]
+            entry.remote_dir = (r.get("remote_dirs") or {}).get(str(index))
+            entry.submitted_at = t
+            _set_state(entry, t, "PENDING", f"{r['cluster']} job {job_id}")
+    elif kind == "unsubmitted":  # an intent that provably never reached Slurm
+        state.intents.pop(r["batch"], None)
+        for i in r["indices"]:
+            entry = state.jobs[i]
+            if entry.state == SUBMITTING:
+                entry.cluster = entry.batch = None
+                _set_state(entry, t, QUEUED, r.get("reason"))
+    elif kind == "state" and job is not None:
+        if job.final:
+            return
+        _set_state(job, t, r["state"], r.get("reason"))
+        if r["state"] == "RUNNING" and job.started_at is None:
+            job.started_at = t
+    elif kind == "moved" and job is not None:
+        job.moves += 1
+        job.cluster = job.job_id = job.folder = job.remote_dir = job.batch = None
+        job.started_at = job.submitted_at = None
+        _set_state(job, t, QUEUED, r.get("reason"))
+    elif kind == "result" and job is not None:
+        if job.final:
+            return  # the first final word stands (a late poll after a cancel, say)
+        job.result = {k: r.get(k) for k in ("status", "value", "value_pickle", "error", "step")}
+        job.ended_at = t
+        _set_state(job, t, r["status"], r.get("error"))
+    elif kind == "cancel":
+        state.cancel_requested = True
+    else:
+        state.extra.append(r)
+
+
+def _set_state(job: JobEntry, t: float, new: str, note: str | None) -> None:
+    if job.state != new or note:
+        job.history.append([t, new, note])
+    job.state = new
+
+
+def _ends_torn(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def _os_reason(e: OSError) -> str:
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return e.strerror or str(e)

@@ -1,0 +1,156 @@
+"""`Launcher.launch` for the multicluster plugin: a batch of Hydra jobs through the controller.
+
+compose and validate every job (a bad override submits nothing) -> record them in the journal
+-> the controller's loop until they are final -> JobReturns in job order, so Hydra's basic and
+Optuna sweepers work unchanged. Rerunning the same command with the same `hydra.sweep.dir`
+reattaches to the sweep instead of starting it again.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig
+
+from lingua_sweep import clusters
+from lingua_sweep.config import ClusterConfig
+from lingua_sweep.errors import UserError
+from lingua_sweep.sweep import dispatch
+from lingua_sweep.sweep.compose import JobComposer, experiment_name
+from lingua_sweep.sweep.controller import Controller, decode_value
+from lingua_sweep.sweep.journal import QUEUED
+from lingua_sweep.sweep.monitor import Monitor
+from lingua_sweep.sweep.params import LauncherParams
+
+log = logging.getLogger(__name__)
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+class SweepFailed(SystemExit):
+    """Ends a basic sweep with some failed jobs: exit 1 after the summary, no traceback."""
+
+
+def build_controller(launcher, p: LauncherParams, *, monitor=None) -> Controller:
+    cfg = launcher.config
+    registry = clusters.load_clusters(searchpath_dirs(cfg))
+    return Controller(
+        sweep_dir=Path(str(cfg.hydra.sweep.dir)),
+        params=p,
+        registry=registry,
+        here=here_cluster(cfg, registry),
+        task_function=launcher.task_function,
+        composer=JobComposer(cfg, launcher.hydra_context.config_loader),
+        monitor=monitor,
+    )
+
+
+def launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    try:
+        return _launch(launcher, p, job_overrides, initial_job_idx)
+    except UserError as e:  # a mistake the user can fix: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    monitor = Monitor(live=p.live)
+    controller = build_controller(launcher, p, monitor=monitor)
+    overrides = [list(o) for o in job_overrides]
+    if p.dry_run:
+        preview(controller, overrides, initial_job_idx)
+        raise SystemExit(0)
+    controller.open(header={"name": experiment_name(launcher.config)})
+    try:
+        indices = controller.register(overrides, initial_job_idx)
+        controller.run(indices)
+    except KeyboardInterrupt:
+        problems = controller.cancel_all("cancelled (Ctrl-C)")
+        monitor.summary(controller)
+        for problem in problems:
+            log.error("could not cancel on %s", problem)
+        raise SystemExit(130) from None
+    finally:
+        monitor.stop()
+        controller.close()
+    if p.detach:
+        print(f"submitted; sweep dir: {controller.sweep_dir}\n"
+              f"  lingua-sweep status {controller.sweep_dir}\n"
+              f"  lingua-sweep resume {controller.sweep_dir}   (collects the results)")  # fmt: skip
+        raise SystemExit(0)
+    monitor.summary(controller)
+    returns = [job_return(controller, i) for i in indices]
+    failed = [r for r in returns if r.status != JobStatus.COMPLETED]
+    if failed and str(launcher.config.hydra.sweeper.get("_target_")) == BASIC_SWEEPER:
+        raise SweepFailed(1)
+    return returns
+
+
+def job_return(controller: Controller, index: int) -> JobReturn:
+    job = controller.state.jobs[index]
+    result = job.result or {}
+    ret = JobReturn(overrides=job.overrides, cfg=controller.configs.get(index))
+    if result.get("status") == "COMPLETED":
+        ret.status = JobStatus.COMPLETED
+        ret.return_value = decode_value(result)
+    else:
+        ret.status = JobStatus.FAILED
+        ret.return_value = RuntimeError(
+            f"job #{index} {job.state}: {result.get('error') or 'no result'}"
+        )
+    return ret
+
+
+def preview(controller: Controller, overrides: list[list[str]], first_index: int) -> None:
+    """The dry run: every job composed and validated, the clusters probed, the plan printed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first = controller.registry[controller.names[0]]
+    for offset, o in enumerate(overrides):
+        controller.composer.compose(o, first_index + offset, first, str(controller.sweep_dir))
+    controller._probe()
+    rooms = controller.rooms()
+    reachable = controller._reachable_slurm()
+    order = [n for n in controller.names if n in rooms and (controller.registry[n].slurm
+                                                               or not reachable)]  # fmt: skip
+    targets = dispatch.assign(len(overrides), rooms, order,
+                              queue_on=reachable[0] if reachable else None,
+                              when_busy=controller.p.when_busy)  # fmt: skip
+    console = Console(stderr=True)
+    table = Table(title="multicluster: clusters (dry run, nothing submitted)")
+    for col in ("cluster", "state", "idle nodes", "room now", "jobs"):
+        table.add_column(col)
+    for name, link in controller.links.items():
+        s = link.status
+        state = "-" if s is None else (s.state + (f" ({s.reason})" if s.reason else ""))
+        table.add_row(name, state, str(s.idle_nodes if s else 0), str(rooms.get(name, 0)),
+                      str(targets.count(name)))  # fmt: skip
+    console.print(table)
+    jobs = Table(title="multicluster: jobs")
+    for col in ("#", "cluster", "overrides"):
+        jobs.add_column(col)
+    for offset, (target, o) in enumerate(zip(targets, overrides, strict=True)):
+        jobs.add_row(str(first_index + offset), target or QUEUED.lower(), " ".join(o))
+    console.print(jobs)
+
+
+def searchpath_dirs(cfg: DictConfig) -> list[Path]:
+    """Cluster definitions beyond the package's: every `file://` entry of Hydra's search path
+    (`--config-dir` and `hydra.searchpath`)."""
+    dirs = []
+    for entry in cfg.hydra.searchpath or []:
+        entry = str(entry)
+        if entry.startswith("file://"):
+            dirs.append(Path(entry[len("file://") :]))
+    return dirs
+
+
+def here_cluster(cfg: DictConfig, registry: dict[str, ClusterConfig]) -> ClusterConfig | None:
+    """The cluster this launcher runs on: the trainer's config says; otherwise detect it."""
+    if "cluster" in cfg and cfg.cluster.get("name") in registry:
+        return registry[cfg.cluster.name]
+    try:
+        return registry[clusters.detect_cluster(registry)]
+    except UserError:
+        return None
