@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lingua_sweep.clusters import detect_cluster, load_clusters
-from lingua_sweep.config import register_configs
+from lingua_sweep.config import check_known_keys, register_configs
 from lingua_sweep.errors import UserError
 
 register_configs()
@@ -32,6 +32,7 @@ def main(cfg: DictConfig) -> float:
     if single_run:
         publish_run_dir(HydraConfig.get().runtime.output_dir)  # torchrun: the others wait for it
     try:
+        check_known_keys(cfg)
         return run(cfg)
     except UserError as e:
         if not single_run:
@@ -59,7 +60,35 @@ def with_detected_cluster(argv: list[str]) -> list[str]:
     return [*argv[:first], detected, *argv[first:]]
 
 
+def report_config_errors_on_one_line() -> None:
+    """Hydra prints a composition error over several lines with a `+key` hint that our schema
+    makes wrong; users get one line naming the key and where the keys are listed (exit 2)."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import CompactHydraException
+
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def one_line_errors():
+            try:
+                return func()
+            except CompactHydraException as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                texts = [str(e), str(e.__cause__ or "")]
+                words = [t.strip().splitlines()[0] for t in texts if t.strip()]
+                listed = "not in" in words[-1]  # an unknown key: say where the keys are
+                hint = "; `python train.py --cfg job` lists every key" if listed else ""
+                print("error: " + " ".join(words) + hint, file=sys.stderr)
+                sys.exit(2)
+
+        return original(one_line_errors)
+
+    hydra_utils.run_and_report = run_and_report
+
+
 if __name__ == "__main__":
+    report_config_errors_on_one_line()
     try:
         sys.argv = with_detected_cluster(sys.argv)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: one run dir for all ranks

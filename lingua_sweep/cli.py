@@ -1,7 +1,11 @@
-"""The `lingua-sweep` command: cluster availability now, sweep results later.
+"""The `lingua-sweep` command: cluster availability, a sweep's state, its results.
 
 lingua-sweep clusters [--json] [--cluster NAME] [--timeout S] [--conf-dir DIR] [--nodes N]
 lingua-sweep results MULTIRUN_DIR [--format table|md|csv] [--plot PNG] [--output FILE]
+lingua-sweep status SWEEP_DIR [--json] [--offline]
+lingua-sweep resume SWEEP_DIR
+lingua-sweep cancel SWEEP_DIR
+lingua-sweep login CLUSTER [--conf-dir DIR]
 """
 
 import argparse
@@ -128,6 +132,39 @@ def add_results_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_results)
 
 
+# --- a sweep's life: status, resume, cancel; login for clusters that want a password --------
+
+
+def add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
+    from lingua_sweep.sweep import verbs
+
+    p = sub.add_parser("status", help="a sweep's jobs: cluster, id, state, step, loss, elapsed")
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    p.add_argument("--json", action="store_true", help="machine-readable")
+    p.add_argument("--offline", action="store_true", help="the journal only; ask no cluster")
+    p.set_defaults(func=lambda a: verbs.status(a.sweep_dir, as_json=a.json, offline=a.offline))
+    p = sub.add_parser("resume", help="pick a sweep up again in this process (its own command)")
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    p.set_defaults(func=lambda a: verbs.resume(a.sweep_dir))
+    p = sub.add_parser("cancel", help="cancel every job of a sweep that is not finished")
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    p.set_defaults(func=lambda a: verbs.cancel(a.sweep_dir))
+    p = sub.add_parser("login", help="open the shared ssh connection (password/2FA) once")
+    p.add_argument("cluster", metavar="CLUSTER")
+    p.add_argument("--conf-dir", action="append", default=[], metavar="DIR")
+    p.set_defaults(func=cmd_login)
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from lingua_sweep.clusters import load_clusters
+    from lingua_sweep.sweep import verbs
+
+    clusters = load_clusters(args.conf_dir)
+    if args.cluster not in clusters:
+        raise UserError(f"unknown cluster {args.cluster!r}; known: {', '.join(clusters)}")
+    return verbs.login(clusters[args.cluster])
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 
@@ -136,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_clusters_parser(sub)
     add_results_parser(sub)
+    add_sweep_parsers(sub)
     return parser
 
 

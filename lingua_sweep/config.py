@@ -178,3 +178,41 @@ def to_object(cfg: Any) -> TrainConfig:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its dataclass schema does not have.
+
+    Hydra's `+key=value` adds keys even to a typed config; with a schema that lists every key,
+    an added key is always a typo that would otherwise be silently ignored.
+    """
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(cfg)
+    if not is_dataclass(schema):
+        return []
+    allowed = {f.name for f in fields(schema)}
+    found = []
+    for key in cfg:
+        if key == "hydra" and not prefix:
+            continue
+        if key not in allowed:
+            found.append(f"{prefix}{key}")
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            found += unknown_keys(node, f"{prefix}{key}.")
+    return found
+
+
+def check_known_keys(cfg: Any) -> None:
+    from lingua_sweep.errors import UserError
+
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise UserError(
+            f"unknown config key(s) {', '.join(unknown)}; `python train.py --cfg job` lists "
+            "every key (a `+` does not make a new key valid)"
+        )

@@ -19,6 +19,7 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -143,7 +144,8 @@ def last_line(traceback_text: str) -> str:
     lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
     for line in reversed(lines):
         if not line.startswith((" ", "\t")) and ":" in line:
-            return line.strip()
+            # `pkg.module.SomeError: message` -> `SomeError: message`
+            return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=\w+(?:Error|Exception)?:)", "", line.strip())
     return lines[-1].strip() if lines else "unknown error"
 
 

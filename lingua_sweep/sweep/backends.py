@@ -121,8 +121,11 @@ class SshBackend:
         )  # fmt: skip
 
     def _environment(self) -> str:
-        env = f"export UV_PROJECT_ENVIRONMENT={shlex.quote(self.code['env_dir'])}; "
-        return env + f"cd {shlex.quote(self.code['snapshot'])}"
+        """The agent's shell prelude: the cluster's `env` (e.g. SLURM_CONF), the environment
+        dir, the snapshot as working dir (jobs submitted from there run its code)."""
+        env = {**self.cluster.env, "UV_PROJECT_ENVIRONMENT": self.code["env_dir"]}
+        exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items())
+        return exports + f"cd {shlex.quote(self.code['snapshot'])}"
 
     def prepare(self) -> None:
         if self.code:

@@ -91,9 +91,11 @@ class JobComposer:
         with open_dict(config.hydra.job):
             config.hydra.job.num = job_num
         if is_trainer_config(config):
+            from lingua_sweep.config import check_known_keys
             from lingua_sweep.train import preflight
 
             try:
+                check_known_keys(config)
                 preflight(config)  # the root is typed by `train_schema`: types already checked
             except UserError as e:
                 raise UserError(f"{where}: {e}") from e

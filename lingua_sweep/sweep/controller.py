@@ -179,6 +179,8 @@ class Controller:
             time.sleep(self.p.poll_interval_s)
 
     def cycle(self) -> None:
+        if self.journal.changed_by_others():
+            self.state = self.journal.replay()
         self._check_cancel_request()
         self._resolve_intents()
         self._dispatch()
@@ -300,6 +302,9 @@ class Controller:
             link.down(e.reason, self.p.poll_interval_s)
             return
         local = link.backend.code == {}
+        recorded = any(r["kind"] == "code" and r["cluster"] == c.name for r in self.state.extra)
+        if not local and not recorded:
+            self._record("code", cluster=c.name, **link.backend.code)
         name = self.state.header.get("name") or "sweep"
         base = str(self.sweep_dir) if local else remote_sweep_dir(c, name, self.sweep_dir)
         tasks, remote_dirs = [], {}
@@ -517,6 +522,8 @@ def sweep_header(controller: Controller) -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "clusters": controller.names,
+        # The definitions themselves: `status` and `cancel` reach the clusters from the journal.
+        "cluster_configs": {n: asdict(controller.registry[n]) for n in controller.names},
         "params": asdict(controller.p),
         "code": git_version(root) if root else {},
     }

@@ -72,6 +72,7 @@ class Journal:
         self.dir = Path(sweep_dir)
         self.path = self.dir / JOURNAL_FILE
         self._lock_fd: int | None = None
+        self.size_known = 0  # bytes this process has read or written: more means another writer
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -86,8 +87,11 @@ class Journal:
         try:
             if _ends_torn(fd):
                 line = b"\n" + line  # a crash tore the last line: start ours on a fresh one
+            before = os.fstat(fd).st_size
             os.write(fd, line)
             os.fsync(fd)
+            if before == self.size_known:
+                self.size_known = before + len(line)
         except OSError as e:
             raise UserError(f"cannot write the sweep journal {self.path}: {_os_reason(e)}") from e
         finally:
@@ -121,11 +125,20 @@ class Journal:
 
     # --- reading ------------------------------------------------------------------------------
 
+    def changed_by_others(self) -> bool:
+        """Whether someone else (`lingua-sweep cancel`) appended since we last read or wrote."""
+        try:
+            return self.path.stat().st_size != self.size_known
+        except FileNotFoundError:
+            return False
+
     def records(self) -> list[dict]:
         if not self.path.exists():
             return []
+        data = self.path.read_bytes()
+        self.size_known = len(data)
         out = []
-        for line in self.path.read_bytes().splitlines():
+        for line in data.splitlines():
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):

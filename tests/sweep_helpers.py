@@ -1,0 +1,120 @@
+"""Running real sweeps on the testbed from tests: the command, Slurm's view, held nodes."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "experiment=debug",
+    "steps=12",
+    "logging.freq=4",
+    "logging.val_loss_every=6",
+    "model.dim=32",
+    "model.n_layers=1",
+    "data.batch_size=4",
+    "data.seq_len=64",
+]
+LINGUA_SWEEP = str(Path(sys.executable).parent / "lingua-sweep")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_", "WANDB_"))}
+    env["WANDB_MODE"] = "offline"
+    env.update(extra)
+    return env
+
+
+def sweep_cmd(
+    testbed, sweep_dir: Path, *args: str, script: Path = REPO / "train.py", wandb: bool = False
+) -> list[str]:
+    return [
+        sys.executable,
+        str(script),
+        "-m",
+        *TINY,
+        "logging.wandb.mode=offline" if wandb else "logging.wandb=null",
+        "hydra/launcher=multicluster",
+        f"hydra.searchpath=[file://{testbed.conf_dir}]",
+        "hydra.launcher.poll_interval_s=1",
+        "hydra.launcher.probe_every_s=2",
+        f"hydra.sweep.dir={sweep_dir}",
+        *args,
+    ]
+
+
+def run_sweep(tmp_path: Path, testbed, *args: str, timeout=600, env=None, **kw):
+    cmd = sweep_cmd(testbed, tmp_path / "sweep", *args, **kw)
+    return subprocess.run(cmd, cwd=tmp_path, env=env or clean_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def slurm(testbed, cluster: str, *argv: str, check=True) -> str:
+    """A Slurm command on a testbed cluster: alpha here, beta through its login node."""
+    if cluster == "alpha":
+        cmd, env = list(argv), {**os.environ, **testbed.env_alpha()}
+    else:
+        cmd, env = ["ssh", "-F", str(testbed.ssh_config), testbed.beta_login, *argv], None
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60,
+                          check=check).stdout  # fmt: skip
+
+
+def sacct_jobs(testbed, cluster: str, name_prefix: str | None = None) -> dict[str, str]:
+    """{job id: state} of the last two hours' jobs, optionally only those of one sweep."""
+    out = slurm(testbed, cluster, "sacct", "-X", "-n", "-P", "-S", "now-2hours",
+                "-o", "JobID,JobName%100,State")  # fmt: skip
+    jobs = {}
+    for line in out.splitlines():
+        job_id, name, state = line.split("|")
+        if "[" in job_id or (name_prefix and not name.startswith(name_prefix)):
+            continue
+        jobs[job_id] = state.split()[0]
+    return jobs
+
+
+def one_job_per_node(testbed) -> str:
+    """The launcher override that makes each job take a whole node of the batch partition."""
+    cpus = slurm(testbed, "alpha", "sinfo", "-h", "-p", "batch", "-N", "-o", "%c").split()[0]
+    return f"hydra.launcher.cpus_per_task={int(cpus)}"
+
+
+def hold_node(testbed, cluster: str = "alpha") -> str:
+    """Occupies one node with a sleeping job; returns its id (scancel it after)."""
+    out = slurm(testbed, cluster, "sbatch", "--parsable", "-p", "batch", "-N1", "--exclusive",
+                "--output=/dev/null", "--wrap", "sleep 600")  # fmt: skip
+    job_id = out.strip().split(";")[0]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # held means running, not just submitted
+        if slurm(testbed, cluster, "squeue", "-h", "-j", job_id, "-o", "%T").strip() == "RUNNING":
+            return job_id
+        time.sleep(0.2)
+    raise AssertionError(f"the node-holding job {job_id} never started on {cluster}")
+
+
+def journal_records(sweep_dir: Path) -> list[dict]:
+    path = sweep_dir / "journal.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a torn line
+            out.append(json.loads(line))
+    return out
+
+
+def results_rows(sweep_dir: Path) -> list[dict]:
+    out = subprocess.run([LINGUA_SWEEP, "results", str(sweep_dir), "--format", "csv"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    return list(csv.DictReader(io.StringIO(out)))
+
+
+def status_json(sweep_dir: Path, *args: str) -> dict:
+    argv = [LINGUA_SWEEP, "status", str(sweep_dir), "--json", *args]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
+    return json.loads(out)
