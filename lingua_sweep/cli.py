@@ -23,9 +23,10 @@ def cmd_clusters(args: argparse.Namespace) -> int:
 
     clusters = load_clusters(args.conf_dir)
     if args.cluster:
-        if args.cluster not in clusters:
-            raise UserError(f"unknown cluster {args.cluster!r}; known: {', '.join(clusters)}")
-        clusters = {args.cluster: clusters[args.cluster]}
+        unknown = [n for n in args.cluster if n not in clusters]
+        if unknown:
+            raise UserError(f"unknown cluster(s) {unknown}; known: {', '.join(clusters)}")
+        clusters = {n: c for n, c in clusters.items() if n in args.cluster}
     statuses = probe(list(clusters.values()), timeout_s=args.timeout)
     selected = select_cluster(statuses, clusters, nodes=args.nodes)
 
@@ -80,7 +81,8 @@ def cmd_clusters(args: argparse.Namespace) -> int:
 def add_clusters_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("clusters", help="which clusters have idle nodes, in priority order")
     p.add_argument("--json", action="store_true", help="machine-readable statuses")
-    p.add_argument("--cluster", metavar="NAME", help="probe only this cluster")
+    p.add_argument("--cluster", metavar="NAME", action="append",
+                   help="probe only this cluster (repeatable)")  # fmt: skip
     p.add_argument("--timeout", type=float, metavar="S", help="per-cluster probe timeout (s)")
     p.add_argument("--nodes", type=int, default=1, help="job size used to pick a cluster")
     p.add_argument(

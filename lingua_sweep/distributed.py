@@ -8,6 +8,8 @@ whose default name holds `${now:...}`: see `torchrun_argv`.
 import contextlib
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,7 +40,10 @@ class DistEnv:
 
 
 def init_distributed(cfg: DistributedConfig, environ=os.environ) -> DistEnv:
-    """Starts the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    """Starts the process group under torchrun or a Slurm step of one task per rank.
+
+    Only when WORLD_SIZE > 1; the rendezvous is bounded by `distributed.init_timeout_s`.
+    """
     if cfg.fsdp_type not in FSDP_TYPES:
         raise UserError(f"distributed.fsdp_type={cfg.fsdp_type!r}: choose one of {FSDP_TYPES}")
     if cfg.model_dtype not in DTYPES:
@@ -55,10 +60,86 @@ def init_distributed(cfg: DistributedConfig, environ=os.environ) -> DistEnv:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
+        store = _rendezvous(rank, world_size, cfg.init_timeout_s, environ)
+        # The collectives keep torch's default timeout (10 or 30 min): rank 0 alone may write
+        # eval weights or build the corpus while the others wait in a barrier.
         dist.init_process_group(
-            backend=backend, device_id=device if device.type == "cuda" else None
+            backend=backend,
+            store=dist.PrefixStore("default_pg", store),  # as init_process_group's own
+            rank=rank,
+            world_size=world_size,
+            device_id=device if device.type == "cuda" else None,
         )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _rendezvous(rank: int, world_size: int, timeout_s: float, environ) -> dist.Store:
+    """Every rank meets at MASTER_ADDR:MASTER_PORT within `timeout_s`, or a UserError says why.
+
+    Without a bound, a rank that cannot reach the master waits until the allocation ends.
+    torch's own store connect overruns its timeout by a retry and logs C++ stack traces, so
+    the other ranks first wait for the master's port here, with plain sockets.
+    """
+    addr, port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise UserError(
+            f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: launch through "
+            "torchrun or a Slurm job that sets them"
+        )
+    who = f"rank {rank} of {world_size}"
+    knob = f"distributed.init_timeout_s={timeout_s:g}"
+    deadline = time.monotonic() + timeout_s
+    if rank > 0:
+        _wait_for_master(addr, int(port), deadline, who, knob)
+    else:
+        _resolve(addr, int(port), who, knob)  # the master connects to its own store too
+    host = f"[{addr}]" if ":" in addr else addr  # an IPv6 literal
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store, _, _ = next(
+            dist.rendezvous(f"tcp://{host}:{port}", rank, world_size, timeout=timeout)
+        )
+    except dist.DistError as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"{who}: rendezvous at the torch master {addr}:{port} failed ({first_line}); "
+            f"the limit is {knob}s"
+        ) from None
+    return store
+
+
+def _wait_for_master(addr: str, port: int, deadline: float, who: str, knob: str) -> None:
+    """Returns once a TCP connection to addr:port succeeds; UserError at the deadline."""
+    while True:
+        reason = _resolve(addr, port, who, knob)
+        if reason is None:
+            left = deadline - time.monotonic()
+            try:
+                with socket.create_connection((addr, port), timeout=max(0.1, min(left, 5.0))):
+                    return
+            except OSError as e:
+                reason = e.strerror or str(e) or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"{who} could not reach the torch master {addr}:{port} "
+                f"(MASTER_ADDR:MASTER_PORT) within {knob}s: {reason}"
+            )
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _resolve(addr: str, port: int, who: str, knob: str) -> str | None:
+    """None if addr resolves; why not if that may pass (DNS down); UserError if it won't."""
+    try:
+        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno == socket.EAI_AGAIN:
+            return f"name lookup failed: {e.strerror}"
+        # A typo, or a node name this machine cannot resolve: waiting would not help.
+        raise UserError(
+            f"{who}: the torch master {addr}:{port} (MASTER_ADDR:MASTER_PORT) does not "
+            f"resolve ({e.strerror}); failing now instead of waiting {knob}s"
+        ) from None
+    return None
 
 
 # --- one run directory for all torchrun ranks -------------------------------------------------

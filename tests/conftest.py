@@ -13,6 +13,8 @@ def slurm_testbed():
     """The real two-cluster Slurm testbed (tests/slurm_testbed.py), started once per session.
 
     Skipped on a dev machine that cannot run it; under CI a missing dependency fails instead.
+    LINGUA_TESTBED_DIR and LINGUA_TESTBED_PORT_BASE point the session at a testbed of its own,
+    beside the default one (/tmp/lingua_sweep_testbed, ports 27140+).
     """
     problems = []
     if os.geteuid() != 0:

@@ -5,14 +5,24 @@
 It runs, as root and on loopback only, everything a small Slurm site has:
 
 - munged (own key and socket), mariadbd (private datadir) and one slurmdbd for accounting;
-- cluster `alpha`: slurmctld + 2 slurmd (alpha1, alpha2), used locally via its own SLURM_CONF;
+- cluster `alpha`: slurmctld + 4 slurmd, used locally via its own SLURM_CONF. Partition `batch`
+  (alpha1, alpha2) takes CPU jobs of up to 2 nodes; partition `gpus` (alpha3, alpha4) has nodes
+  that advertise 4 GPUs each (gres on character devices that alias /dev/null: Slurm schedules
+  and counts them, nothing can compute on them, so jobs there still train on CPU);
 - cluster `beta`: slurmctld + 2 slurmd (beta1, beta2), reached only through a real sshd on
   127.0.0.1 whose sessions get SLURM_CONF=beta's slurm.conf (so `ssh beta-hn sinfo` is "the login
   node of beta"). `<state>/ssh_config` defines the `beta-hn` alias with a generated key.
 
+Every node declares 8 CPUs, whatever the machine has, so a job may run 8 tasks per node. Node
+names resolve to 127.0.0.1 while the testbed runs, through a marked block in /etc/hosts, as they
+do on a real cluster: torch's rendezvous dials the job's first node by name.
+
 Every daemon runs in the foreground as our child, so its pid is known; `stop` cancels the jobs
-through Slurm and then kills exactly the recorded pids. `<state>/conf/cluster/{alpha,beta}.yaml`
-are cluster definitions for `load_clusters(extra_dirs=[<state>/conf])` or a Hydra searchpath.
+through Slurm, kills exactly the recorded pids and removes its /etc/hosts block.
+`<state>/conf/cluster/{alpha,alpha-gpu,beta}.yaml` are cluster definitions for
+`load_clusters(extra_dirs=[<state>/conf])` or a Hydra searchpath; alpha-gpu is alpha's `gpus`
+partition. LINGUA_TESTBED_DIR and LINGUA_TESTBED_PORT_BASE move a second testbed out of the way
+of the default one.
 """
 
 import argparse
@@ -24,26 +34,40 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-DEFAULT_DIR = Path("/tmp/lingua_sweep_testbed")
+DEFAULT_DIR = Path(os.environ.get("LINGUA_TESTBED_DIR", "/tmp/lingua_sweep_testbed"))
 # Below Linux's ephemeral range (32768+), so an outgoing connection never holds one of them.
 PORT_BASE = int(os.environ.get("LINGUA_TESTBED_PORT_BASE", "27140"))
 PORTS = {
     "mariadb": PORT_BASE,
     "slurmdbd": PORT_BASE + 1,
     "sshd": PORT_BASE + 2,
-    "alpha": PORT_BASE + 10,  # slurmctld; its nodes use +11, +12
+    "alpha": PORT_BASE + 10,  # slurmctld; its nodes use +11, +12, ...
     "beta": PORT_BASE + 20,
 }
-NODES = {"alpha": ["alpha1", "alpha2"], "beta": ["beta1", "beta2"]}
+CPU_PARTITION = "batch"  # on both clusters; the default one
+# Not `gpu`: test_clusters uses that name for a partition that does not exist.
+GPU_PARTITION = "gpus"  # alpha only
+PARTITIONS = {
+    "alpha": {CPU_PARTITION: ["alpha1", "alpha2"], GPU_PARTITION: ["alpha3", "alpha4"]},
+    "beta": {CPU_PARTITION: ["beta1", "beta2"]},
+}
+NODES = {c: [n for nodes in parts.values() for n in nodes] for c, parts in PARTITIONS.items()}
+GPU_NODES = PARTITIONS["alpha"][GPU_PARTITION]
+GPUS_PER_NODE = 4
+CPUS_PER_NODE = 8
 BETA_LOGIN = "beta-hn"
+HOSTS = Path("/etc/hosts")
+HOSTS_MARK = "# lingua_sweep testbed"
 PACKAGES = "slurm-wlm slurmdbd munge mariadb-server openssh-server openssh-client rsync"
 COMMANDS = [
     "munged", "mariadbd", "mariadb-install-db", "mariadb", "mariadb-admin", "slurmdbd",
@@ -58,8 +82,16 @@ class Testbed:
     alpha_slurm_conf: Path
     beta_slurm_conf: Path
     ssh_config: Path  # defines Host beta-hn
-    conf_dir: Path  # a Hydra searchpath root: conf_dir/cluster/{alpha,beta}.yaml
+    conf_dir: Path  # a Hydra searchpath root: conf_dir/cluster/{alpha,alpha-gpu,beta}.yaml
     beta_login: str = BETA_LOGIN
+    node_names: tuple[str, ...] = tuple(n for nodes in NODES.values() for n in nodes)
+    cpu_partition: str = CPU_PARTITION  # alpha's and beta's: 2 nodes each
+    cpus_per_node: int = CPUS_PER_NODE
+    # alpha-gpu: alpha's GPU partition as a cluster definition of its own (use env_alpha()).
+    gpu_cluster: str = "alpha-gpu"
+    gpu_partition: str = GPU_PARTITION
+    gpu_nodes: tuple[str, ...] = tuple(GPU_NODES)
+    gpus_per_node: int = GPUS_PER_NODE
 
     @property
     def cluster_conf_dir(self) -> Path:
@@ -149,11 +181,11 @@ def _resolves_to_loopback(host: str) -> bool:
 def _alive(pid: int, exe: str) -> bool:
     """True if pid runs `exe`: a pid file can outlive its process and the pid can be reused."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        proc_stat = Path(f"/proc/{pid}/stat").read_text()
         target = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return False
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+    if proc_stat.rsplit(")", 1)[1].split()[0] == "Z":
         _reap(pid)
         return False
     return target == exe
@@ -291,9 +323,20 @@ StorageLoc=slurm_acct_db
         port = PORTS[cluster]
         node_lines = "".join(
             f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port + 1 + i} "
-            "CPUs=4 RealMemory=8000 State=UNKNOWN\n"
+            f"CPUs={CPUS_PER_NODE} RealMemory=8000 "
+            + (f"Gres=gpu:{GPUS_PER_NODE} " if node in GPU_NODES else "")
+            + "State=UNKNOWN\n"
             for i, node in enumerate(nodes)
         )
+        partition_lines = "".join(
+            f"PartitionName={name} Nodes={','.join(members)} "
+            f"Default={'YES' if name == CPU_PARTITION else 'NO'} MaxTime=INFINITE State=UP\n"
+            for name, members in PARTITIONS[cluster].items()
+        )
+        gres = ""
+        if any(node in GPU_NODES for node in nodes):
+            gres = "GresTypes=gpu\n"
+            _write_gres_conf(base, [node for node in nodes if node in GPU_NODES])
         for d in ("ctld", "log", *(f"spool/{node}" for node in nodes)):
             (base / d).mkdir(parents=True, exist_ok=True)
         _write(
@@ -321,7 +364,7 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-# Nodes advertise 4 CPUs / 8 GB whatever the machine has, so CPU training jobs fit.
+# Nodes advertise 8 CPUs / 8 GB whatever the machine has, so 8 tasks per node fit.
 SlurmdParameters=config_overrides
 ReturnToService=2
 MpiDefault=none
@@ -337,12 +380,30 @@ AccountingStoragePort={PORTS["slurmdbd"]}
 # With munge, this names the munge socket used to talk to slurmdbd (AuthInfo is not used there).
 AccountingStoragePass={lay.munge_socket}
 JobCompType=jobcomp/none
-{node_lines}PartitionName=batch Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
-""",
+{gres}{node_lines}{partition_lines}""",
         )
 
     _write_ssh(lay)
     _write_cluster_yamls(lay)
+
+
+def _write_gres_conf(base: Path, gpu_nodes: list[str]) -> None:
+    """gres.conf (read from beside slurm.conf) with GPUs that are stand-ins for /dev/nvidiaN.
+
+    slurmd insists that a GPU's File is a character device, so each is a node with /dev/null's
+    numbers (1, 3): harmless to open, useless to compute on.
+    """
+    lines = ["AutoDetect=off\n"]  # no NVML probing of the real machine
+    for node in gpu_nodes:
+        dev = base / "dev" / node
+        dev.mkdir(parents=True, exist_ok=True)
+        for i in range(GPUS_PER_NODE):
+            path = dev / f"nvidia{i}"
+            if not path.is_char_device():
+                path.unlink(missing_ok=True)
+                os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        lines.append(f"NodeName={node} Name=gpu File={dev}/nvidia[0-{GPUS_PER_NODE - 1}]\n")
+    _write(base / "gres.conf", "".join(lines))
 
 
 def _write_ssh(lay: _Layout) -> None:
@@ -401,7 +462,7 @@ def _write_cluster_yamls(lay: _Layout) -> None:
         has_env = False
     common = {
         "provider": "testbed",
-        "partition": "batch",
+        "partition": CPU_PARTITION,
         "gpus_per_node": 0,
         "gpu_type": "cpu",
         "max_nodes": 2,
@@ -416,8 +477,19 @@ def _write_cluster_yamls(lay: _Layout) -> None:
         "output_root": str(lay.state / "outputs" / "alpha"),
         "priority": 10,
     }
+    # The same Slurm as alpha; its GPUs are stand-ins, so it is nominally a cpu cluster too.
+    alpha_gpu = {
+        **alpha,
+        "name": "alpha-gpu",
+        "partition": GPU_PARTITION,
+        "gpus_per_node": GPUS_PER_NODE,
+        "max_nodes": len(GPU_NODES),
+        "output_root": str(lay.state / "outputs" / "alpha-gpu"),
+        "priority": 15,
+    }
     if has_env:
-        alpha["env"] = {"SLURM_CONF": str(lay.slurm_conf("alpha"))}
+        for cfg in (alpha, alpha_gpu):
+            cfg["env"] = {"SLURM_CONF": str(lay.slurm_conf("alpha"))}
     beta = {
         "name": "beta",
         "login": BETA_LOGIN,
@@ -427,11 +499,10 @@ def _write_cluster_yamls(lay: _Layout) -> None:
         "remote_code_dir": str(lay.state / "beta" / "code"),
         "priority": 20,
     }
-    for cfg in (alpha, beta):
+    for cfg in (alpha, alpha_gpu, beta):
         text = yaml.safe_dump({"defaults": ["cluster_schema", "_self_"], **cfg}, sort_keys=False)
         _write(lay.conf / "cluster" / f"{cfg['name']}.yaml", text)
-    for d in ("alpha", "beta"):
-        (lay.state / "outputs" / d).mkdir(parents=True, exist_ok=True)
+        Path(cfg["output_root"]).mkdir(parents=True, exist_ok=True)
 
 
 def _start_munged(lay: _Layout) -> None:
@@ -534,6 +605,84 @@ def _healthy(lay: _Layout) -> bool:
     return all(len(_node_states(lay, c)) == len(n) for c, n in NODES.items())
 
 
+# --- node names in /etc/hosts --------------------------------------------------------------
+
+
+def _hosts_block(state: Path) -> list[str]:
+    # The state dir in the markers keeps two testbeds' blocks (default and private) apart.
+    names = " ".join(n for nodes in NODES.values() for n in nodes)
+    return [f"{HOSTS_MARK} begin {state}\n", f"127.0.0.1 {names}\n", f"{HOSTS_MARK} end {state}\n"]
+
+
+def _without_block(lines: list[str], state: Path) -> list[str]:
+    """lines minus this testbed's block (markers included); every other line as it was.
+
+    A begin marker with no end marker after it is left alone, and so is all that follows it.
+    """
+    begin, end = f"{HOSTS_MARK} begin {state}", f"{HOSTS_MARK} end {state}"
+    bare = [line.rstrip("\r\n") for line in lines]
+    out, i = [], 0
+    while i < len(lines):
+        if bare[i] == begin and end in bare[i + 1 :]:
+            i = bare.index(end, i + 1) + 1
+            continue
+        out.append(lines[i])
+        i += 1
+    return out
+
+
+def add_hosts_entries(state: Path, hosts: Path = HOSTS) -> None:
+    """Makes the node names resolve to 127.0.0.1; idempotent."""
+    with _hosts_lock():
+        lines = hosts.read_text().splitlines(keepends=True)
+        kept = _without_block(lines, state)
+        if kept and not kept[-1].endswith("\n"):
+            kept[-1] += "\n"
+        new = kept + _hosts_block(state)
+        if new != lines:
+            _replace_text(hosts, "".join(new))
+
+
+def remove_hosts_entries(state: Path, hosts: Path = HOSTS) -> None:
+    """Removes exactly the block add_hosts_entries wrote; a no-op without one."""
+    if not hosts.exists():
+        return
+    with _hosts_lock():
+        lines = hosts.read_text().splitlines(keepends=True)
+        kept = _without_block(lines, state)
+        if kept != lines:
+            _replace_text(hosts, "".join(kept))
+
+
+@contextlib.contextmanager
+def _hosts_lock():
+    # Not a lock on /etc/hosts itself: the rename below swaps that file for a new one.
+    with open(Path(tempfile.gettempdir()) / "lingua_sweep_testbed_hosts.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Writes a sibling and renames it over path, so a reader never sees half a file.
+
+    Containers often bind-mount /etc/hosts, and a mount point cannot be renamed over: then
+    the file is rewritten in place.
+    """
+    st = path.stat()
+    tmp = path.with_name(f".{path.name}.lingua_sweep.tmp")
+    try:
+        tmp.write_text(text)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
+        return
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    with open(path, "r+") as f:
+        f.write(text)
+        f.truncate()
+
+
 @contextlib.contextmanager
 def _lock(state: Path):
     """One start/stop at a time, across processes (parallel pytest sessions)."""
@@ -564,6 +713,7 @@ def start(state_dir: Path = DEFAULT_DIR, *, timeout: float = 120) -> Testbed:
         )
     with _lock(lay.state):
         if _healthy(lay):
+            add_hosts_entries(lay.state)  # in case something rewrote /etc/hosts since
             return info
         _stop(lay)  # whatever is left of a half-started or crashed testbed
         busy = [f"{n}:{p}" for n, p in _all_ports().items() if not _port_free(p)]
@@ -582,6 +732,7 @@ def start(state_dir: Path = DEFAULT_DIR, *, timeout: float = 120) -> Testbed:
 
 def _start_all(lay: _Layout, timeout: float) -> None:
     _write_configs(lay)
+    add_hosts_entries(lay.state)
     _start_munged(lay)
     sshd = _start_sshd(lay)
     _start_mariadb(lay)
@@ -604,6 +755,7 @@ def _all_ports() -> dict[str, int]:
 def stop(state_dir: Path = DEFAULT_DIR) -> None:
     lay = _Layout(testbed_info(state_dir).state_dir)
     if not lay.state.exists():
+        remove_hosts_entries(lay.state)
         return
     with _lock(lay.state):
         _stop(lay)
@@ -620,6 +772,7 @@ def _stop(lay: _Layout) -> None:
         if name in rec:
             _kill(*rec[name])
         (lay.run / f"{name}.pid").unlink(missing_ok=True)
+    remove_hosts_entries(lay.state)
 
 
 def _cancel_all_jobs(lay: _Layout, cluster: str) -> None:
@@ -668,8 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "start":
         t0 = time.monotonic()
         info = start(args.dir)
-        out = {k: str(v) for k, v in asdict(info).items()}
-        print(json.dumps({**out, "start_s": round(time.monotonic() - t0, 1)}, indent=2))
+        out = {**asdict(info), "start_s": round(time.monotonic() - t0, 1)}
+        print(json.dumps(out, indent=2, default=str))
     elif args.action == "stop":
         stop(args.dir)
         print(f"stopped testbed in {args.dir}")

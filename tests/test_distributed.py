@@ -4,15 +4,28 @@ The 2-rank gloo runs (no_shard/full_shard vs 1 rank, sharding, SIGTERM resume) l
 test_train.py; here are the rules around them, on one process.
 """
 
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from test_train import TINY, corpus_root, one_thread, read_metrics, run_inprocess, series
+from test_train import (
+    TINY,
+    child_env,
+    corpus_root,
+    one_thread,
+    read_metrics,
+    run_inprocess,
+    series,
+)
 
 from lingua_sweep import distributed
+from lingua_sweep.config import DistributedConfig
 from lingua_sweep.errors import UserError
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -84,6 +97,94 @@ def test_nothing_changes_outside_torchrun():
     ]
     assert distributed.torchrun_argv(["train.py"], {}) == ["train.py"]
     distributed.publish_run_dir("/x", {})  # no store, no error
+
+
+# --- a bounded rendezvous ------------------------------------------------------------------
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:  # bound and closed: nothing listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank: int, addr: str, port: int) -> dict:
+    return {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+
+
+@pytest.mark.parametrize(
+    ("addr", "reason"),
+    [
+        ("no-such-node.invalid", "does not resolve"),  # e.g. a Slurm node name without DNS
+        ("127.0.0.1", "could not reach"),  # the master never came up
+    ],
+)
+def test_unreachable_master_fails_within_the_timeout(addr, reason):
+    port = _dead_port()
+    cfg = DistributedConfig(init_timeout_s=2)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        distributed.init_distributed(cfg, _rank_env(1, addr, port))
+    elapsed = time.monotonic() - t0
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{addr}:{port}" in message and reason in message
+    assert "distributed.init_timeout_s=2" in message
+    assert elapsed < 4, elapsed
+    assert not dist.is_initialized()
+
+
+def test_master_alone_fails_within_the_timeout():
+    """Rank 0 hosts the store; when no other rank ever joins, it gives up too."""
+    port = _dead_port()
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        distributed.init_distributed(
+            DistributedConfig(init_timeout_s=2), _rank_env(0, "127.0.0.1", port)
+        )
+    assert time.monotonic() - t0 < 5
+    message = str(err.value)
+    assert "\n" not in message and f"127.0.0.1:{port}" in message
+    assert "distributed.init_timeout_s=2" in message and "1/2 clients joined" in message
+
+
+RANK_SCRIPT = """
+import torch, torch.distributed as dist
+from lingua_sweep import distributed
+from lingua_sweep.config import DistributedConfig
+
+env = distributed.init_distributed(DistributedConfig(init_timeout_s=60))
+total = torch.tensor([env.rank + 1.0])
+dist.all_reduce(total)
+print("total", total.item())
+distributed.shutdown()
+"""
+
+
+def test_ranks_wait_for_a_master_that_comes_up_late():
+    """As in a Slurm job: the other ranks start first and wait for rank 0's store."""
+    port = _dead_port()
+    procs = []
+
+    def start(rank: int) -> None:
+        env = child_env(**_rank_env(rank, "127.0.0.1", port))
+        out = subprocess.PIPE
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env=env, stdout=out,
+                             stderr=subprocess.STDOUT, text=True)
+        )  # fmt: skip
+
+    try:
+        start(1)
+        time.sleep(1)  # rank 1 probes a port nobody listens on yet
+        start(0)
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-2000:]
+        assert "total 3.0" in out
 
 
 # --- the A100 rule -------------------------------------------------------------------------
