@@ -2,7 +2,8 @@
 
 Layout: under `data.root`, train chunk files matching the glob `data.train_files` (read in sorted
 order, forever: one pass over all of them is an epoch) and one val file `data.val_file`, with one
-`{"text": ...}` JSON object per line.
+`{"text": ...}` JSON object per line. A data root is only ever read; the sentinel
+`data.root=embedded` is the project's own corpus (corpus.py), built in its cache on first use.
 
 Sharding: every file is cut into world_size contiguous byte ranges and a line belongs to the rank
 whose range holds its first byte. Each rank reads only its own bytes, and ranks see disjoint
@@ -26,6 +27,8 @@ tokenizer's own threads without the GIL (`Tokenizer.encode_batch_numpy`; for tik
 ids as encode_ordinary_batch, returned as arrays).
 """
 
+from __future__ import annotations  # torch is imported lazily (see _pack)
+
 import glob
 import json
 import logging
@@ -36,12 +39,16 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from lingua_sweep import corpus
 from lingua_sweep.config import DataConfig
 from lingua_sweep.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +61,25 @@ STATE_VERSION = 1
 # --- paths ----------------------------------------------------------------------------------
 
 
+def data_root(cfg: DataConfig) -> Path:
+    """The directory `data.root` names; `embedded` is the project's corpus, built on first use."""
+    if cfg.root == corpus.EMBEDDED:
+        return corpus.ensure_built()
+    return Path(cfg.root).expanduser()
+
+
 def resolve_data_paths(cfg: DataConfig, *, cluster: str | None = None) -> tuple[list[Path], Path]:
     """The sorted train files and the val file; UserError naming data.root when any is missing.
 
-    `cluster` (the cluster's name) only makes the message say where data.root came from.
+    Nothing is created or written: a data root is only ever read. `cluster` (the cluster's name)
+    only makes the message say where data.root came from.
     """
-    root = Path(cfg.root).expanduser()
+    root = data_root(cfg)
     origin = f"data.root={cfg.root}" + (f" from cluster '{cluster}'" if cluster else "")
     fix = "set data.root=/path/to/datasets (it defaults to cluster.data_root)"
+    if cfg.root == corpus.EMBEDDED:
+        origin = f"data.root={corpus.EMBEDDED}: the built-in corpus in {root}"
+        fix = "set data.root=/path/to/your/data to train on your own files"
     if not root.is_dir():
         raise UserError(f"data root {root} does not exist ({origin}); {fix}")
     pattern = str(Path(glob.escape(str(root))) / cfg.train_files)
@@ -80,6 +98,16 @@ def resolve_data_paths(cfg: DataConfig, *, cluster: str | None = None) -> tuple[
     return files, val
 
 
+def check_data_files(cfg: DataConfig, *, cluster: str | None = None) -> None:
+    """UserError (one line, naming the path and data.root) unless the data `cfg` names exists.
+
+    Cheap and torch-free, for a launcher to call before submitting jobs to a machine that sees
+    the same filesystem: it reads only directory listings, except that `data.root=embedded`
+    builds the project's corpus once (~10 s) in its cache.
+    """
+    resolve_data_paths(cfg, cluster=cluster)
+
+
 # --- reading --------------------------------------------------------------------------------
 
 
@@ -87,6 +115,7 @@ def resolve_data_paths(cfg: DataConfig, *, cluster: str | None = None) -> tuple[
 class _Block:
     """Consecutive documents of one file, with where each one starts, for the resume state."""
 
+    path: Path
     texts: list[str]
     docs: list[tuple[int, int, int, int]]  # (epoch, file index, byte offset, bad lines before)
 
@@ -160,7 +189,7 @@ def _read_blocks(
                     lines = (tail + chunk).split(b"\n")
                     # Without more bytes the last piece is a final line with no newline.
                     tail = lines.pop() if chunk else b""
-                    block = _Block(texts=[], docs=[])
+                    block = _Block(path=path, texts=[], docs=[])
                     for line in lines:
                         if pos >= hi:
                             break
@@ -211,6 +240,8 @@ def _pack(
 
     `token_offset` tokens of the first document are dropped (they were used before a resume).
     """
+    import torch  # here, not at the top: the launcher imports this module to check paths
+
     step = batch_size * seq_len
     prefix = np.array([tokenizer.bos_id] if add_bos else [], dtype=np.int64)
     suffix = np.array([tokenizer.eos_id] if add_eos else [], dtype=np.int64)
@@ -223,11 +254,34 @@ def _pack(
     buf = np.empty(0, dtype=np.int64)
     # Documents with tokens still in buf: [(epoch, file, offset, skipped), length, tokens left].
     pending: deque[list] = deque()
+    # Documents without a single token would make an endless loop over the epochs, or, with
+    # BOS/EOS, a model of those two tokens alone. So no batch is made before the first text
+    # token, and a whole epoch without one is an error (the first epoch seen may have begun
+    # mid-way, at a resume, so only the ones after it count), as is a non-looping source
+    # without one (the val file).
+    text_epoch = None  # the last epoch with text (or the first epoch seen)
+    seen_text = False
     for block in blocks:
         # Tokenizing here, not ahead in another thread: the tokenizer's threads need the GIL
         # briefly per document, and a thread parsing JSON meanwhile would make them queue for
         # it (measured: 0.6x of raw tokenizer speed overlapped vs. 0.9-1.0x like this).
         block_ids = encode(block.texts)
+        epoch = block.docs[0][0]
+        empty = sum(1 for ids in block_ids if len(ids) == 0)
+        if text_epoch is None:
+            text_epoch = epoch
+            if empty > len(block_ids) // 2:
+                log.warning(
+                    "data: %d of the first %d documents in %s are empty (no tokens)",
+                    empty, len(block_ids), block.path,
+                )  # fmt: skip
+        elif epoch > text_epoch + 1:
+            raise UserError(
+                f"no tokens in the training data: every document of a whole epoch is empty "
+                f"(e.g. in {block.path}); check the text fields of data.train_files"
+            )
+        if empty < len(block_ids):
+            text_epoch, seen_text = epoch, True
         parts = []
         for doc, ids in zip(block.docs, block_ids, strict=True):
             n = len(prefix) + len(ids) + len(suffix)
@@ -239,7 +293,7 @@ def _pack(
             pending[0][2] -= token_offset
             token_offset = 0
         buf = np.concatenate([buf, new]) if len(buf) else new
-        while len(buf) > step:
+        while seen_text and len(buf) > step:
             inputs = torch.from_numpy(buf[:step].reshape(batch_size, seq_len).copy())
             targets = torch.from_numpy(buf[1 : step + 1].reshape(batch_size, seq_len).copy())
             buf = buf[step:]
@@ -256,6 +310,10 @@ def _pack(
                 "skipped_lines": skipped,
             }
             yield inputs, targets, state
+    if text_epoch is not None and not seen_text:
+        raise UserError(
+            f"no tokens in {block.path}: every document in it is empty; check its text fields"
+        )
 
 
 # --- train loader ---------------------------------------------------------------------------
@@ -320,7 +378,7 @@ class TrainLoader:
         """Malformed lines skipped (data.skip_bad_lines) before the batches consumed so far."""
         return self._state["skipped_lines"]
 
-    def __iter__(self) -> "TrainLoader":
+    def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +431,7 @@ class TrainLoader:
         self._shutdown()
         self._closed = True
 
-    def __enter__(self) -> "TrainLoader":
+    def __enter__(self) -> TrainLoader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,19 +1,28 @@
 """Where metrics go: metrics.jsonl always (rank 0), WandB when configured; plus MFU.
 
+metrics.jsonl holds one JSON object per line, each with `step`. A kill can tear the last line, so
+readers skip lines that don't parse (`read_metrics`), and a run cuts the file back to the step it
+resumes from before appending (`truncate_metrics`): steps in it are always increasing.
+
 WandB naming follows the team's convention so runs line up across clusters:
 run name `{experiment}_{cluster}_{job_id}`, group `{experiment}/{cluster}`,
 tags `[provider, cluster, gpu_type, experiment, job_{job_id}]`.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lingua_sweep.config import TrainConfig
+from lingua_sweep.errors import UserError
 
 # Dense bf16 peak FLOP/s per GPU, matched as substrings of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -35,6 +44,82 @@ def peak_flops(device_name: str | None) -> float | None:
 def every_n_steps(step: int, freq: int) -> bool:
     """True every `freq` steps; never for freq <= 0 (the old fork's `x % -1 == 0` bug)."""
     return freq > 0 and step % freq == 0
+
+
+# --- metrics.jsonl -------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; lines torn by a kill (or otherwise invalid) are skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool):
+                records.append(record)
+    return records
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keeps the records up to `last_step` (-1: none), so a resumed or restarted run continues
+    the file without repeating steps; invalid lines go too. Atomic: a kill keeps the old file."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise output_error(path, e) from e
+
+
+def output_error(path: Path, error: BaseException) -> UserError:
+    """A one-line UserError for a failed write of `path`, with the operating system's reason.
+
+    Some writers (torch.save, DCP) lose the errno of a full disk in their own RuntimeError, so
+    without one a filesystem found (nearly) full is reported as full.
+    """
+    reason = None
+    seen = [error]
+    for e in seen:  # the exception, its causes, and the per-rank failures DCP collects
+        if isinstance(e, OSError) and e.errno:
+            reason = os.strerror(e.errno).lower()  # "no space left on device"
+            break
+        seen += [c for c in (e.__cause__, e.__context__) if c is not None and c not in seen]
+        seen += [f[0] for f in getattr(e, "failures", {}).values() if f[0] not in seen]
+    if reason is None and _free_bytes(path) < 1 << 20:
+        reason = os.strerror(errno.ENOSPC).lower()
+    fix = "choose a writable hydra.run.dir"
+    if reason == os.strerror(errno.ENOSPC).lower():
+        fix = "free some space there or choose another hydra.run.dir"
+    return UserError(f"cannot write {path}: {reason or describe_error(error)}; {fix}")
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception in one line, without its traceback; DCP's per-rank failures unwrapped."""
+    failures = getattr(error, "failures", None)  # torch's CheckpointException
+    if failures:
+        error = next(iter(failures.values()))[0]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _free_bytes(path: Path) -> float:
+    for parent in (path, *path.parents):  # the nearest one that exists
+        try:
+            return shutil.disk_usage(parent).free
+        except OSError:
+            continue
+    return math.inf
+
+
+# --- naming and logging ----------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
@@ -67,8 +152,11 @@ class MetricLogger:
         self.wandb_run = None
         if not self.enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")  # append: a resumed run continues
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")  # append: a resumed run continues
+        except OSError as e:
+            raise output_error(self.path, e) from e
         if cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled":
             self.wandb_run = _init_wandb(cfg, run_dir, identity)
 
@@ -77,15 +165,19 @@ class MetricLogger:
             return
         clean = {k: v for k, v in metrics.items() if v is not None}
         record = {"step": step, "time": time.time(), **clean}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise output_error(self.path, e) from e
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=step)
 
     def close(self, *, exit_code: int = 0) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        with contextlib.suppress(OSError):  # a failed write was reported when it happened
+            self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None

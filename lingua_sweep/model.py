@@ -187,9 +187,34 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def build_model(cfg: ModelConfig) -> Transformer:
+def check_config(cfg: ModelConfig) -> None:
+    """Shapes the config alone rules out, as one-line UserErrors instead of a failure deep in
+    the first forward pass. Registry names are checked by the trainer's preflight."""
+    for key in ("dim", "n_heads", "n_layers", "multiple_of", "max_seq_len"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"model.{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.vocab_size is not None and cfg.vocab_size < 1:
+        raise UserError(f"model.vocab_size={cfg.vocab_size} must be at least 1 (or null)")
     if cfg.dim % cfg.n_heads:
         raise UserError(f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}")
+    n_kv = cfg.n_kv_heads
+    if n_kv is not None and (n_kv < 1 or cfg.n_heads % n_kv):
+        raise UserError(
+            f"model.n_kv_heads={n_kv} must divide model.n_heads={cfg.n_heads} (each key/value "
+            "head serves a group of query heads); or set it to null"
+        )
+    head_dim = cfg.dim // cfg.n_heads
+    if cfg.posembed == "rope" and head_dim % 2:
+        raise UserError(
+            f"head dim model.dim/model.n_heads={cfg.dim}/{cfg.n_heads}={head_dim} is odd; "
+            "rope rotates pairs of dims, so choose dim and n_heads for an even head dim"
+        )
+    if cfg.ffn_dim_multiplier is not None and cfg.ffn_dim_multiplier <= 0:
+        raise UserError(f"model.ffn_dim_multiplier={cfg.ffn_dim_multiplier} must be positive")
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    check_config(cfg)
     return Transformer(cfg)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lingua_sweep.config import OptimConfig
+from lingua_sweep.errors import UserError
 from lingua_sweep.registry import Registry
 
 OPTIMIZERS: Registry = Registry("optimizer")
@@ -99,6 +100,27 @@ def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:
     if cfg.warmup > 0 and step < cfg.warmup:
         return schedule * step / cfg.warmup
     return schedule
+
+
+def check_config(cfg: OptimConfig) -> None:
+    """Values torch would reject with a traceback at build time (or that would silently train
+    nonsense), as one-line UserErrors. Registry names are checked by the trainer's preflight."""
+    checks = [
+        ("lr", cfg.lr >= 0, ">= 0"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("eps", cfg.eps >= 0, ">= 0"),
+        ("momentum", cfg.momentum >= 0, ">= 0"),
+        ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+        ("lr_min_ratio", cfg.lr_min_ratio >= 0, ">= 0"),
+        ("decay_fraction", 0 <= cfg.decay_fraction <= 1, "in [0, 1]"),
+        ("warmup", cfg.warmup >= 0, ">= 0"),
+        ("grad_acc_steps", cfg.grad_acc_steps >= 1, ">= 1"),
+    ]
+    for key, ok, allowed in checks:
+        value = getattr(cfg, key)
+        if not ok or not math.isfinite(value):  # NaN fails every comparison above
+            raise UserError(f"optim.{key}={value} must be {allowed}")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

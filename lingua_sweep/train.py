@@ -5,25 +5,33 @@ logs, evaluates, checkpoints and watches for preemption. Host syncs happen only 
 evaluation and checkpoint steps (and, across ranks, a preemption poll every 10 steps), so the GPU
 is never stalled by bookkeeping.
 
-Resume is exact: a checkpoint holds model, optimizer, scheduler, data position, RNG and the
-running loss/out window, so an interrupted fp32 run logs bitwise the losses of an uninterrupted
-one. SIGUSR2 (Slurm's warning) or SIGTERM: finish the step, checkpoint, raise `Preempted`
-(`train.py` exits 75; under submitit the agent chains to submitit's requeue handler).
+Resume is exact: a checkpoint holds model, optimizer and a `TrainState` (step, scheduler, data
+position, the running loss/out window) plus RNG, so an interrupted fp32 run logs bitwise the
+losses of an uninterrupted one, and metrics.jsonl is cut back to the checkpoint's step before
+the run continues it. SIGUSR2 (Slurm's warning) or SIGTERM: finish the step, checkpoint, raise
+`Preempted` (`train.py` exits 75; under submitit the agent chains to submitit's requeue handler).
+
+A run owns its directory: rank 0 holds a flock on `.lock` in it for the whole run, so a second
+run there fails at once instead of interleaving checkpoints and metrics. The lock dies with its
+process, so a rerun, a requeued job or a restarted worker group takes it over.
 """
 
+import fcntl
 import json
 import logging
 import math
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 from omegaconf import OmegaConf
 
-from lingua_sweep import checkpoint, corpus, distributed, metrics, model, optim
+from lingua_sweep import checkpoint, distributed, metrics, model, optim
 from lingua_sweep.config import TrainConfig
 from lingua_sweep.data import build_train_loader, build_val_batches, resolve_data_paths
 from lingua_sweep.errors import UserError
@@ -33,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # Vocab sizes known without a tokenizer file, so a launcher can check them before submitting.
 KNOWN_VOCAB_SIZES = {"cl100k": 100277, "bytes": 258}
+LOCK_FILE = ".lock"
 
 
 class NonFiniteLossError(UserError):
@@ -75,9 +84,12 @@ def preflight(cfg: TrainConfig) -> None:
             f"distributed.model_dtype={cfg.distributed.model_dtype!r}: "
             f"choose one of {list(distributed.DTYPES)}"
         )
-    if cfg.model.dim % cfg.model.n_heads:
+    model.check_config(cfg.model)
+    optim.check_config(cfg.optim)
+    if cfg.data.batch_size < 1 or cfg.data.seq_len < 1:
         raise UserError(
-            f"model.dim={cfg.model.dim} is not divisible by model.n_heads={cfg.model.n_heads}"
+            f"data.batch_size={cfg.data.batch_size} and data.seq_len={cfg.data.seq_len} must "
+            "both be >= 1"
         )
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(
@@ -89,12 +101,8 @@ def preflight(cfg: TrainConfig) -> None:
             f"model.vocab_size={cfg.model.vocab_size} does not match tokenizer "
             f"{cfg.data.tokenizer.name!r} ({known}); set model.vocab_size=null to auto-fill"
         )
-    if cfg.model.n_layers < 1:
-        raise UserError(f"model.n_layers={cfg.model.n_layers} must be at least 1")
     if cfg.steps <= 0:
         raise UserError(f"steps={cfg.steps} must be positive")
-    if cfg.optim.grad_acc_steps < 1:
-        raise UserError(f"optim.grad_acc_steps={cfg.optim.grad_acc_steps} must be >= 1")
 
 
 def job_id_from_env(environ=os.environ) -> str:
@@ -147,24 +155,76 @@ def run_dir_of_hydra() -> Path:
     return Path.cwd()
 
 
+def lock_run_dir(run_dir: Path) -> IO:
+    """Takes `run_dir`'s lock for this process (creating the directory); UserError naming the
+    holder's pid and host when another run has it. Closing the returned file releases it."""
+    path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Held past this function, for the run. "a+": the holder's note stays readable.
+        lock = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+    except OSError as e:
+        raise metrics.output_error(path, e) from e
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        try:
+            holder = json.loads(lock.read())
+            who = f"pid {holder['pid']} on host {holder['host']}"
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        lock.close()
+        raise UserError(
+            f"run directory {run_dir} is in use by another run ({who}); wait for it to end, "
+            "stop it, or choose another hydra.run.dir"
+        ) from None
+    except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
+        log.warning("cannot lock %s (%s); not guarded against a second run", path, e.strerror)
+    try:
+        lock.truncate(0)
+        lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        lock.flush()
+    except OSError as e:
+        lock.close()
+        raise metrics.output_error(path, e) from e
+    return lock
+
+
+def _lock_for_all_ranks(run_dir: Path, env: distributed.DistEnv) -> IO | None:
+    # One holder, rank 0: the ranks of one torchrun share the directory. The outcome is agreed
+    # so that every rank of a second run stops, not just its rank 0.
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = lock_run_dir(run_dir)
+        except UserError as e:
+            error = e
+    if distributed.any_rank(error is not None, env):
+        raise error or UserError(f"rank 0 could not lock run directory {run_dir} (see its error)")
+    return lock
+
+
 def run(cfg, *, run_dir: Path | None = None, environ=os.environ) -> float:
     """Trains per `cfg` (a composed DictConfig or a TrainConfig); returns the final val loss."""
     tc: TrainConfig = OmegaConf.to_object(cfg) if not isinstance(cfg, TrainConfig) else cfg
     preflight(tc)
     run_dir = run_dir or run_dir_of_hydra()
     env = distributed.init_distributed(tc.distributed, environ)
+    lock = None
     try:
         distributed.check_same_run_dir(run_dir, env)
+        lock = _lock_for_all_ranks(run_dir, env)
         return train(tc, run_dir=run_dir, env=env, job_id=job_id_from_env(environ))
     finally:
+        if lock is not None:
+            lock.close()
         distributed.shutdown()
 
 
 def _prepare_data(tc: TrainConfig, env: distributed.DistEnv, gpu: str | None) -> Batches:
-    if not tc.cluster.slurm and env.is_main:
-        corpus.ensure_embedded_corpus(tc.data)  # the `local` cluster ships no data: build it
-    distributed.barrier(env)
-    resolve_data_paths(tc.data)
+    # First, before anything heavy: missing data is a one-line error naming data.root.
+    resolve_data_paths(tc.data, cluster=tc.cluster.name)
     batch_size, grad_acc = tc.data.batch_size, tc.optim.grad_acc_steps
     if tc.distributed.a100_halve_batch:
         batch_size, grad_acc = distributed.apply_a100_rule(batch_size, grad_acc, gpu)
@@ -198,13 +258,64 @@ def evaluate(net, batches, tc: TrainConfig, env: distributed.DistEnv) -> float:
     return distributed.all_reduce_mean(total / len(batches), env).item()
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """A resumed run recomputes steps after its checkpoint: drop their stale records."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+@dataclass(kw_only=True)
+class TrainState:
+    """What a checkpoint restores besides weights, optimizer and RNG (lingua's TrainState).
+
+    The running loss/out window is part of it, so a run resumed mid-window logs the same
+    loss/out as one never interrupted.
+    """
+
+    step: int = 0  # the last step done
+    loss_sum: torch.Tensor  # on the device: summed every micro-step without a host sync
+    steps_in_window: int = 0
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Any
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "loss_sum": self.loss_sum.item(),
+            "steps_in_window": self.steps_in_window,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.loss_sum.fill_(state.get("loss_sum", 0.0))
+        self.steps_in_window = state.get("steps_in_window", 0)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+
+
+@dataclass(kw_only=True)
+class Trainer:
+    """Everything the loop works with, built once by `train`."""
+
+    tc: TrainConfig
+    env: distributed.DistEnv
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: Batches
+    ckpt: checkpoint.Checkpointer
+    logger: metrics.MetricLogger
+    throughput: metrics.Throughput
+    watcher: PreemptionWatcher
+    state: TrainState
+
+
+def _start_run_files(tc: TrainConfig, run_dir: Path, resumed_step: int | None) -> None:
+    """Rank 0: the resolved config, and metrics.jsonl cut back to the resumed step (emptied
+    when starting over), so its steps stay unique and increasing whatever was killed when."""
+    path = run_dir / "config.yaml"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(tc), path)
+    except OSError as e:
+        raise metrics.output_error(path, e) from e
+    last = -1 if resumed_step is None else resumed_step
+    metrics.truncate_metrics(run_dir / "metrics.jsonl", last)
 
 
 def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: str) -> float:
@@ -220,14 +331,16 @@ def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: s
     param_bytes = distributed.local_param_bytes(net)  # now: a forward unshards FSDP's root
     optimizer = optim.build_optimizer(net, tc.optim)
     scheduler = optim.build_scheduler(optimizer, tc.optim, tc.steps)
+    state = TrainState(
+        loss_sum=torch.zeros((), dtype=torch.float32, device=env.device),
+        scheduler=scheduler,
+        loader=data.loader,
+    )
 
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", env, keep=tc.checkpoint.dump.keep)
     resumed = ckpt.load_latest(model=net, optimizer=optimizer)
-    start = {"step": 0, "loss_sum": 0.0, "steps_in_window": 0}
     if resumed is not None:
-        start.update({k: resumed[k] for k in start if k in resumed})
-        scheduler.load_state_dict(resumed["scheduler"])
-        data.loader.load_state_dict(resumed["data"])
+        state.load_state_dict(resumed)
 
     identity = metrics.RunIdentity(
         experiment=tc.name,
@@ -237,10 +350,7 @@ def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: s
         job_id=job_id,
     )
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(tc), run_dir / "config.yaml")
-        if resumed is not None:
-            _truncate_metrics(run_dir / "metrics.jsonl", start["step"])
+        _start_run_files(tc, run_dir, None if resumed is None else state.step)
     logger = metrics.MetricLogger(tc, run_dir, identity, rank=env.rank)
     throughput = metrics.Throughput(
         flops_per_token=flops_per_token,
@@ -248,9 +358,21 @@ def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: s
         world_size=env.world_size,
     )
     watcher = PreemptionWatcher()
+    trainer = Trainer(
+        tc=tc,
+        env=env,
+        net=net,
+        optimizer=optimizer,
+        data=data,
+        ckpt=ckpt,
+        logger=logger,
+        throughput=throughput,
+        watcher=watcher,
+        state=state,
+    )
     exit_code = 1
     try:
-        if start["step"] == 0:
+        if state.step == 0:
             logger.log(
                 0,
                 {
@@ -264,12 +386,8 @@ def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: s
                     "grad_acc_steps": data.grad_acc_steps,
                 },
             )
-        if start["step"] >= tc.steps:  # a finished run started again: nothing left to train
-            final_val = evaluate(net, data.val, tc, env)
-        else:
-            final_val = _loop(
-                tc, net, optimizer, scheduler, data, ckpt, logger, throughput, watcher, env, start
-            )
+        # A finished run started again has nothing left to train.
+        final_val = evaluate(net, data.val, tc, env) if state.step >= tc.steps else _loop(trainer)
         exit_code = 0
         return final_val
     except Preempted:
@@ -293,33 +411,18 @@ def _short_gpu_name(gpu: str | None) -> str | None:
 PREEMPTION_POLL_EVERY = 10
 
 
-def _loop(
-    tc, net, optimizer, scheduler, data, ckpt, logger, throughput, watcher, env, start: dict
-) -> float:
+def _loop(t: Trainer) -> float:
+    tc, env, net, data, state = t.tc, t.env, t.net, t.data, t.state
     tokens_per_step = data.micro_batch_size * tc.data.seq_len * data.grad_acc_steps
-    # The running loss/out window is part of the resumable state, so a run resumed mid-window
-    # logs the same loss/out as one never interrupted.
-    loss_sum = torch.tensor(start["loss_sum"], dtype=torch.float32, device=env.device)
-    steps_in_window = start["steps_in_window"]
     last_val = math.nan
-
-    def train_state(step: int) -> dict:
-        return {
-            "step": step,
-            "scheduler": scheduler.state_dict(),
-            "data": data.loader.state_dict(),
-            "loss_sum": loss_sum.item(),
-            "steps_in_window": steps_in_window,
-        }
 
     def check_finite(value: float, step: int, what: str = "loss") -> None:
         if not math.isfinite(value):
-            kept = checkpoint.complete_checkpoints(ckpt.root)
+            good = t.ckpt.last_good()  # collective: every rank gets here together
             raise NonFiniteLossError(
-                f"{what} is {value} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}); "
+                f"{what} is {value} at step {step} (lr {state.scheduler.get_last_lr()[0]:.3g}); "
                 f"training stopped, last good checkpoint kept: "
-                f"{kept[0].name if kept else 'none written'}; lower optim.lr or raise "
-                "optim.warmup"
+                f"{good.name if good else 'none written'}; lower optim.lr or raise optim.warmup"
             )
 
     def check_savable(step: int) -> None:
@@ -328,7 +431,7 @@ def _loop(
         if not distributed.all_finite(net.parameters(), env):
             check_finite(math.nan, step, what="a parameter")
 
-    for step in range(start["step"] + 1, tc.steps + 1):
+    for step in range(state.step + 1, tc.steps + 1):
         for micro in range(data.grad_acc_steps):
             inputs, targets = next(data.loader)
             inputs = inputs.to(env.device, non_blocking=True)
@@ -337,24 +440,26 @@ def _loop(
             with distributed.autocast(tc.distributed, env):
                 loss = net(inputs, targets) / data.grad_acc_steps
             loss.backward()
-            loss_sum += loss.detach()
+            state.loss_sum += loss.detach()
         grad_norm = None
         if tc.optim.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        throughput.add(tokens_per_step)
-        steps_in_window += 1
+        t.optimizer.step()
+        state.scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.throughput.add(tokens_per_step)
+        state.step = step
+        state.steps_in_window += 1
 
         last = step == tc.steps
         if metrics.every_n_steps(step, tc.logging.freq) or last:
-            loss_out = distributed.all_reduce_mean(loss_sum / steps_in_window, env).item()
+            window = state.loss_sum / state.steps_in_window
+            loss_out = distributed.all_reduce_mean(window, env).item()
             check_finite(loss_out, step)
             record = {
                 "loss/out": loss_out,
-                "lr": scheduler.get_last_lr()[0],
-                **throughput.measure(),
+                "lr": state.scheduler.get_last_lr()[0],
+                **t.throughput.measure(),
             }
             if grad_norm is not None:
                 norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -362,28 +467,28 @@ def _loop(
             skipped = getattr(data.loader, "skipped_lines", 0)
             if skipped:
                 record["data/skipped_lines"] = skipped
-            logger.log(step, record)
-            loss_sum.zero_()
-            steps_in_window = 0
+            t.logger.log(step, record)
+            state.loss_sum.zero_()
+            state.steps_in_window = 0
         if metrics.every_n_steps(step, tc.logging.val_loss_every) or last:
             last_val = evaluate(net, data.val, tc, env)
             check_finite(last_val, step, what="val loss")
-            logger.log(step, {"loss/val": last_val})
-            throughput.reset()
+            t.logger.log(step, {"loss/val": last_val})
+            t.throughput.reset()
         if metrics.every_n_steps(step, tc.checkpoint.eval.every):
             check_savable(step)
-            ckpt.save_eval(step=step, model=net)
+            t.ckpt.save_eval(step=step, model=net)
         poll = (
             env.world_size == 1
             or metrics.every_n_steps(step, tc.logging.freq)
             or metrics.every_n_steps(step, PREEMPTION_POLL_EVERY)
         )
-        preempted = poll and not last and distributed.any_rank(watcher.signum is not None, env)
+        preempted = poll and not last and distributed.any_rank(t.watcher.signum is not None, env)
         if metrics.every_n_steps(step, tc.checkpoint.dump.every) or preempted:
             check_savable(step)
-            ckpt.save(step=step, model=net, optimizer=optimizer, train_state=train_state(step))
-            throughput.reset()
+            t.ckpt.save(step=step, model=net, optimizer=t.optimizer, train_state=state.state_dict())
+            t.throughput.reset()
         if preempted:
-            signum = watcher.signum or signal.SIGUSR2  # another rank got the signal
-            raise Preempted(step, signum, watcher.previous.get(signum))
+            signum = t.watcher.signum or signal.SIGUSR2  # another rank got the signal
+            raise Preempted(step, signum, t.watcher.previous.get(signum))
     return last_val

@@ -4,6 +4,8 @@ The Checkpointer is exercised directly on a small module (no data, milliseconds)
 through the trainer for the cadence keys and a fallback resume.
 """
 
+import hashlib
+import json
 import logging
 
 import pytest
@@ -112,6 +114,53 @@ def test_corrupt_latest_falls_back_to_the_previous_with_a_warning(tmp_path, capl
     assert "step_00000002" in caplog.text and "trying the previous one" in caplog.text
 
 
+def overwrite_in_place(path, byte: int = 0xFF) -> None:
+    """Same size, other bytes (a bad disk or a stray write): 0xFF floats are NaN."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    end = min(start + 64, len(data))
+    data[start:end] = bytes([byte]) * (end - start)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["__0_0.distcp", "train_state_rank0.json", "rng_rank0.pt"])
+def test_bytes_changed_in_place_fail_the_checksum_and_the_previous_one_loads(
+    tmp_path, caplog, damaged
+):
+    model, optimizer = make()
+    ckpt = checkpoint.Checkpointer(tmp_path, ENV, keep=0)
+    for step in (1, 2):
+        train_step(model, optimizer)
+        ckpt.save(step=step, model=model, optimizer=optimizer, train_state={"step": step})
+    latest = checkpoint.step_dir(tmp_path, 2)
+    size = (latest / damaged).stat().st_size
+    overwrite_in_place(latest / damaged, byte=ord("7"))
+    assert (latest / damaged).stat().st_size == size
+
+    fresh, fresh_opt = make(seed=1)
+    with caplog.at_level(logging.WARNING):
+        state = ckpt.load_latest(model=fresh, optimizer=fresh_opt)
+    assert state["step"] == 1
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{damaged} does not match its checksum" in warning.getMessage()
+    assert "\n" not in warning.getMessage() and warning.exc_info is None
+    assert ckpt.last_good() == checkpoint.step_dir(tmp_path, 1)
+
+
+def test_a_load_failure_warns_in_one_line(tmp_path, caplog):
+    """A checkpoint whose checksums match but that does not fit the model: DCP's error is a
+    page of traceback per rank; the warning keeps its first line."""
+    model, optimizer = make()
+    ckpt = checkpoint.Checkpointer(tmp_path, ENV, keep=0)
+    ckpt.save(step=1, model=model, optimizer=optimizer, train_state={"step": 1})
+    other = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="no checkpoint"):
+        ckpt.load_latest(model=other, optimizer=torch.optim.AdamW(other.parameters()))
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "step_00000001 could not be loaded" in warning.getMessage()
+    assert "\n" not in warning.getMessage() and warning.exc_info is None
+
+
 def test_no_loadable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
     model, optimizer = make()
     ckpt = checkpoint.Checkpointer(tmp_path, ENV, keep=0)
@@ -127,8 +176,11 @@ def test_another_world_size_is_refused(tmp_path):
         step=1, model=model, optimizer=optimizer, train_state={"step": 1}
     )
     path = checkpoint.step_dir(tmp_path, 1)
-    text = (path / "train_state_rank0.json").read_text()
-    (path / "train_state_rank0.json").write_text(text.replace('"world_size": 1', '"world_size": 8'))
+    state_file = path / "train_state_rank0.json"
+    state_file.write_text(state_file.read_text().replace('"world_size": 1', '"world_size": 8'))
+    checksums = json.loads((path / checkpoint.CHECKSUMS).read_text())  # as 8 processes wrote it
+    checksums[state_file.name]["sha256"] = hashlib.sha256(state_file.read_bytes()).hexdigest()
+    (path / checkpoint.CHECKSUMS).write_text(json.dumps(checksums))
     with pytest.raises(UserError, match="written by 8 processes and this run has 1"):
         checkpoint.Checkpointer(tmp_path, ENV, keep=0).load_latest(model=model, optimizer=optimizer)
 
@@ -174,9 +226,12 @@ def test_trainer_cadence_keys(data_root, tmp_path):
     assert series(got, "loss/val")[6] == series(ref, "loss/val")[6]
 
 
+@pytest.mark.parametrize("damage", ["junk_metadata", "bytes_in_place"])
 def test_trainer_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(
-    data_root, tmp_path, caplog
+    data_root, tmp_path, caplog, damage
 ):
+    """Bytes changed in place used to load silently (NaN weights here), and the NaN loss that
+    followed named that checkpoint as the last good one."""
     overrides = [
         *TINY,
         f"data.root={data_root}",
@@ -186,7 +241,11 @@ def test_trainer_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt
     run_inprocess(tmp_path, *overrides)
     reference = read_metrics(tmp_path)
     for step in (4, 6):  # both damaged: only step 2 loads
-        (checkpoint.step_dir(tmp_path / "checkpoints", step) / ".metadata").write_bytes(b"junk")
+        path = checkpoint.step_dir(tmp_path / "checkpoints", step)
+        if damage == "junk_metadata":
+            (path / ".metadata").write_bytes(b"junk")
+        else:
+            overwrite_in_place(path / "__0_0.distcp")
     with caplog.at_level(logging.WARNING):
         run_inprocess(tmp_path, *overrides)
     assert "step_00000006 could not be loaded" in caplog.text

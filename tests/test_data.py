@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -7,7 +9,12 @@ import pytest
 import torch
 
 from lingua_sweep.config import DataConfig, TokenizerConfig
-from lingua_sweep.data import build_train_loader, build_val_batches, resolve_data_paths
+from lingua_sweep.data import (
+    build_train_loader,
+    build_val_batches,
+    check_data_files,
+    resolve_data_paths,
+)
 from lingua_sweep.errors import UserError
 from lingua_sweep.tokenizer import build_tokenizer
 
@@ -233,6 +240,23 @@ def test_val_file_too_small(tmp_path, tok):
 # --- errors ---------------------------------------------------------------------------------
 
 
+def test_checking_data_files_imports_no_torch(tmp_path):
+    """The launcher checks paths before submitting; that must stay cheap."""
+    cfg, _ = make_dataset(tmp_path)
+    code = (
+        "import sys\n"
+        "from lingua_sweep.config import DataConfig\n"
+        "from lingua_sweep.data import check_data_files\n"
+        f"check_data_files(DataConfig(root={cfg.root!r}, train_files={cfg.train_files!r}, "
+        f"val_file={cfg.val_file!r}))\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    with pytest.raises(UserError, match=r"nope.*data\.root="):
+        check_data_files(DataConfig(root=str(tmp_path / "nope")))
+    assert not (tmp_path / "nope").exists()
+
+
 def test_missing_paths_name_data_root(tmp_path):
     cfg, _ = make_dataset(tmp_path / "data")
     missing_root = DataConfig(root=str(tmp_path / "nope"))
@@ -286,6 +310,54 @@ def test_empty_dataset(tmp_path, tok):
         path.write_text("\n")
     with build_train_loader(cfg, tok) as loader, pytest.raises(UserError, match="no documents"):
         next(loader)
+
+
+def _next_within(loader, timeout_s: float):
+    """next(loader) in a thread: a regression into an endless loop fails instead of hanging."""
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_try(next, loader)), daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    assert outcome, f"next() did not return within {timeout_s} s"
+    return outcome[0]
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # handed back to the test
+        return e
+
+
+@pytest.mark.parametrize("specials", [False, True])
+def test_documents_without_tokens_are_an_error_not_an_endless_loop(tmp_path, tok, specials):
+    """Empty texts: without BOS/EOS nothing is ever packed (it looped over epochs forever);
+    with them every batch would be BOS/EOS alone (it trained on those, silently)."""
+    cfg, _ = make_dataset(tmp_path, add_bos=specials, add_eos=specials)
+    for path in (tmp_path / "fw").glob("*.chunk.*"):
+        write_jsonl(path, [""] * 50)
+    with build_train_loader(cfg, tok) as loader:
+        error = _next_within(loader, timeout_s=60)
+    assert isinstance(error, UserError), error
+    assert "no tokens" in str(error) and "fw.chunk." in str(error)
+
+
+def test_val_file_without_tokens(tmp_path, tok):
+    cfg, _ = make_dataset(tmp_path)
+    write_jsonl(tmp_path / "fw" / "fw.val.jsonl", [""] * 200)
+    with pytest.raises(UserError, match=r"no tokens in .*fw\.val\.jsonl"):
+        build_val_batches(cfg, tok, n_batches=2)
+
+
+def test_mostly_empty_documents_warn_and_the_rest_trains(tmp_path, tok, caplog):
+    cfg, _ = make_dataset(tmp_path)
+    texts = ["" if i % 4 else f"real text {i}" for i in range(200)]
+    for path in (tmp_path / "fw").glob("*.chunk.*"):
+        write_jsonl(path, texts)
+    with caplog.at_level("WARNING"), build_train_loader(cfg, tok) as loader:
+        stream = stream_of(take(loader, 20))
+    assert "150 of the first 200 documents" in caplog.text
+    assert "real text 0" in docs_in(stream)
 
 
 def test_tokenizer_without_bos(tmp_path):

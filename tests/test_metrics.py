@@ -1,9 +1,12 @@
 """What a run logs: the every-n rule, metrics.jsonl keys, and WandB naming (real wandb, offline)."""
 
+import json
+
 import pytest
 from test_train import TINY, corpus_root, one_thread, read_metrics, run_inprocess, series
 from wandb_offline import run_info
 
+from lingua_sweep import metrics
 from lingua_sweep.metrics import every_n_steps
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -81,3 +84,49 @@ def test_wandb_offline_run_is_named_grouped_and_tagged(data_root, tmp_path, monk
     assert info["tags"] == ["local", "local", "cpu", "lr_sweep", "job_4242"]
     assert info["project"] == "lingua_test"
     assert {"loss/init", "loss/out", "loss/val"} <= info["history_keys"]
+
+
+# --- metrics.jsonl survives kills --------------------------------------------------------
+
+
+def test_read_metrics_skips_torn_and_invalid_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 0, "loss/init": 5.5}\n'
+        "not json\n"
+        '["a list"]\n'
+        '{"no": "step"}\n'
+        '{"step": 1, "loss/out": 5.0}\n'
+        '{"step": 2, "loss/o'  # torn by a kill mid-write
+    )
+    assert metrics.read_metrics(path) == [
+        {"step": 0, "loss/init": 5.5},
+        {"step": 1, "loss/out": 5.0},
+    ]
+
+
+def test_a_torn_last_line_does_not_stop_the_resume(data_root, tmp_path):
+    """Killed while writing step 6's record, after the checkpoint of step 4: every later
+    resume failed with JSONDecodeError. Now the file is cut back to step 4 and continued."""
+    overrides = [*TINY, f"data.root={data_root}", "checkpoint.dump.every=4"]
+    run_inprocess(tmp_path, *overrides)
+    reference = read_metrics(tmp_path)
+    killed = [json.dumps(r) + "\n" for r in reference if r["step"] < 6]
+    (tmp_path / "metrics.jsonl").write_text("".join(killed) + '{"step": 6, "loss/o')
+
+    run_inprocess(tmp_path, *overrides)
+    got = read_metrics(tmp_path)  # strict: every line parses
+    assert [r["step"] for r in got] == [r["step"] for r in reference]  # in order, none twice
+    for key in ("loss/init", "loss/out", "loss/val", "grad_norm"):
+        assert series(got, key) == series(reference, key), key
+
+
+def test_a_rerun_without_a_checkpoint_starts_the_metrics_over(data_root, tmp_path):
+    """Killed before the first checkpoint, rerun: steps went 0,1,2,3,0,1,... (loss/init twice)."""
+    overrides = [*TINY, f"data.root={data_root}", "steps=3"]
+    run_inprocess(tmp_path, *overrides)
+    first = read_metrics(tmp_path)
+    run_inprocess(tmp_path, *overrides)
+    again = read_metrics(tmp_path)
+    assert [r["step"] for r in again] == [r["step"] for r in first] == [0, 1, 2, 3, 3]
+    assert series(again, "loss/out") == series(first, "loss/out")

@@ -108,3 +108,27 @@ def test_flops_per_token_counts_matmul_params_and_attention():
         p.numel() for n, p in model.named_parameters() if p.ndim == 1
     )
     assert flops_per_token(cfg, seq_len=12) == 6 * matmul_params + 12 * 2 * 32 * 12
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_heads": 0}, "model.n_heads=0 must be at least 1"),
+        ({"n_kv_heads": 3}, "model.n_kv_heads=3 must divide model.n_heads=4"),
+        ({"dim": 36}, r"36/4=9 is odd"),  # RoPE rotates halves: an odd head dim can't be split
+        ({"dim": 30}, "model.dim=30 is not divisible by model.n_heads=4"),
+    ],
+)
+def test_impossible_shapes_fail_at_build_not_at_the_first_forward(overrides, message):
+    with pytest.raises(UserError, match=message):
+        build_model(tiny(**overrides))
+
+
+def test_an_odd_head_dim_is_fine_without_rope():
+    model = build_model(tiny(dim=36, posembed="none"))
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 50)
+
+
+def test_grouped_query_attention_builds_and_runs():
+    model = build_model(tiny(n_kv_heads=2))
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 50)

@@ -7,10 +7,12 @@ other trainer test files (test_checkpoint, test_distributed, test_metrics).
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -20,9 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from lingua_sweep import corpus
-from lingua_sweep.config import DataConfig, register_configs
+from lingua_sweep.config import register_configs
+from lingua_sweep.errors import UserError
 from lingua_sweep.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +54,12 @@ RANKS_RTOL = 1e-5
 # --- helpers shared by the trainer tests ---------------------------------------------------
 
 
-def corpus_root(tmp_path_factory) -> Path:
-    """The embedded corpus, built once per test session (~9 s) under pytest's base temp dir."""
-    root = tmp_path_factory.getbasetemp() / "embedded_corpus"
-    corpus.ensure_embedded_corpus(DataConfig(root=str(root)))
-    return root
+def corpus_root(tmp_path_factory=None) -> Path:
+    """The embedded corpus in the project's cache: built once (~9 s), kept across sessions.
+
+    Tests name it as a user data root (`data.root=<path>`), which the trainer only reads.
+    """
+    return corpus.ensure_built()
 
 
 def run_inprocess(run_dir: Path, *overrides: str, environ=None) -> float:
@@ -101,6 +106,7 @@ def train_proc(*overrides: str, env: dict, nproc: int = 1, check: bool = True):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """Every line of metrics.jsonl, strictly: a torn or invalid line fails the test."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -174,22 +180,168 @@ def test_bad_overrides_exit_nonzero_with_a_one_line_cause(data_root, tmp_path):
         "optim.scheduler=nope": "error: optim.scheduler='nope' is not registered",
         "model.vocab_size=5": "error: model.vocab_size=5 does not match tokenizer 'bytes'",
         "model.n_layers=0": "error: model.n_layers=0 must be at least 1",
+        # These failed only at the first forward pass, with 40-odd lines of traceback.
+        "model.n_kv_heads=3": "error: model.n_kv_heads=3 must divide model.n_heads=4",
+        "model.dim=132 model.n_heads=4": "error: head dim model.dim/model.n_heads=132/4=33 is odd",
+        # A data root that does not exist was created and filled with the embedded corpus.
+        f"data.root={tmp_path}/no-such-dir": f"error: data root {tmp_path}/no-such-dir does not",
     }
     procs = {}
-    for i, override in enumerate(cases):  # concurrently: each is mostly interpreter start-up
+    for i, overrides in enumerate(cases):  # concurrently: each is mostly interpreter start-up
         cmd = train_cmd(
-            "experiment=debug", "cluster=local", override, f"hydra.run.dir={tmp_path}/{i}"
+            "experiment=debug", "cluster=local", *overrides.split(), f"hydra.run.dir={tmp_path}/{i}"
         )
-        procs[override] = subprocess.Popen(
+        procs[overrides] = subprocess.Popen(
             cmd, cwd=REPO, env=child_env(data_root), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-    for i, (override, proc) in enumerate(procs.items()):
+    for i, (overrides, proc) in enumerate(procs.items()):
         out, err = proc.communicate(timeout=120)
-        assert proc.returncode != 0, override
-        assert any(cases[override] in line for line in err.splitlines()), (override, err)
-        assert "Traceback" not in out + err, (override, err)
-        assert not (tmp_path / str(i) / "metrics.jsonl").exists(), override
+        assert proc.returncode != 0, overrides
+        assert any(cases[overrides] in line for line in err.splitlines()), (overrides, err)
+        assert "Traceback" not in out + err, (overrides, err)
+        if cases[overrides].startswith("error:"):  # ours: one line and the usage exit code
+            assert proc.returncode == 2 and err.count("\n") == 1, (overrides, err)
+        assert not (tmp_path / str(i) / "metrics.jsonl").exists(), overrides
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.n_heads=0"], "model.n_heads=0 must be at least 1"),
+        (["model.n_kv_heads=0"], "model.n_kv_heads=0 must divide model.n_heads=4"),
+        (["model.dim=132", "model.n_heads=4"], "=33 is odd; rope rotates pairs"),
+        (["optim.lr=-1"], "optim.lr=-1.0 must be >= 0"),
+        (["optim.beta2=1.5"], r"optim.beta2=1.5 must be in \[0, 1\)"),
+        (["optim.warmup=-5"], "optim.warmup=-5 must be >= 0"),
+        (["data.batch_size=0"], "data.batch_size=0 and data.seq_len=256 must both be >= 1"),
+    ],
+)
+def test_preflight_rejects_what_the_config_alone_decides(overrides, message):
+    from lingua_sweep.train import preflight
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=debug", "cluster=local", *overrides])
+    with pytest.raises(UserError, match=message) as error:
+        preflight(OmegaConf.to_object(cfg))
+    assert "\n" not in str(error.value)
+
+
+# --- data a user configured is only ever read ------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under root (and its bytes' sha256): what must not change."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_missing_user_data_is_an_error_and_the_data_is_left_alone(data_root, tmp_path, monkeypatch):
+    user = tmp_path / "mydata"
+    chunks = user / "fineweb_edu_10bt_shuffled"
+    chunks.mkdir(parents=True)
+    for n in ("00", "01"):  # no val file: the embedded corpus replaced chunk.00 and added one
+        (chunks / f"fineweb_edu_10bt.chunk.{n}.jsonl").write_text('{"text": "my own words"}\n')
+    before = tree(user)
+    missing_val = rf"val file {chunks}/fineweb_edu_10bt.val.jsonl .*data\.root"
+    with pytest.raises(UserError, match=missing_val):
+        run_inprocess(tmp_path / "run1", *TINY, f"data.root={user}")
+    assert tree(user) == before
+
+    # Through LINGUA_SWEEP_DATA, with the user's own file names: the corpus overwrote val.jsonl.
+    monkeypatch.setenv("LINGUA_SWEEP_DATA", str(user))
+    (user / "mine").mkdir()
+    (user / "mine" / "val.jsonl").write_text('{"text": "my validation"}\n')
+    before = tree(user)
+    custom = ["data.train_files=mine/*.jsonl.gz", "data.val_file=mine/val.jsonl"]
+    with pytest.raises(UserError, match=r"no training files match .*mine/\*\.jsonl\.gz"):
+        run_inprocess(tmp_path / "run2", *TINY, *custom)
+    assert tree(user) == before
+
+    with pytest.raises(UserError, match=r"data root .*no-such-dir does not exist"):
+        run_inprocess(tmp_path / "run3", *TINY, f"data.root={tmp_path}/no-such-dir")
+    assert not (tmp_path / "no-such-dir").exists()
+    assert not (tmp_path / "run1" / "metrics.jsonl").exists()  # stopped before training
+
+
+# --- a run owns its directory ----------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from lingua_sweep.train import lock_run_dir
+lock = lock_run_dir(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_in_the_same_directory_fails_at_once(data_root, tmp_path):
+    """Two runs in one directory crashed on each other's .tmp_step_* dirs and interleaved
+    metrics.jsonl. Now the second stops before writing anything, naming the first; the lock
+    dies with its holder, so a rerun after a kill (or a requeued job) takes the directory."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=REPO, env=child_env(),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        overrides = [*TINY, f"data.root={data_root}", "steps=2", "checkpoint.dump.every=1"]
+        with pytest.raises(UserError) as error:
+            run_inprocess(tmp_path, *overrides)
+        message = str(error.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message
+        assert "hydra.run.dir" in message and "\n" not in message
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    run_inprocess(tmp_path, *overrides)  # SIGKILL released it
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 2]
+
+
+# --- write failures are one line naming the path and the reason ------------------------------
+
+
+def test_an_unwritable_run_dir_is_a_one_line_error(data_root, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(UserError) as error:
+        run_inprocess(tmp_path / "file" / "run", *TINY, f"data.root={data_root}")
+    assert str(error.value).startswith(f"cannot write {tmp_path}/file/run/.lock: not a directory")
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k none /mnt"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -m and mount (root)")
+def test_a_full_disk_says_so_in_one_line_and_exits_2(data_root, tmp_path):
+    """A run dir on a 300 KiB tmpfs: the first checkpoint fills it (74 lines of DCP traceback
+    before, which never said why)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    cmd = " ".join(
+        train_cmd(*TINY, "checkpoint.dump.every=2", f"hydra.run.dir={mount}/run")
+    )  # fmt: skip
+    script = f"mount -t tmpfs -o size=300k none {mount} && exec {cmd}"
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], cwd=REPO, env=child_env(data_root),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        f"error: cannot write {mount}/run/checkpoints/.tmp_step_00000002: no space left on "
+        "device; free some space there or choose another hydra.run.dir"
+    ]
 
 
 # --- 2 ranks (gloo) vs 1 rank with the same global batch -----------------------------------
