@@ -29,6 +29,9 @@ class ClusterConfig:
     max_nodes: int = 1
     exclude: list[str] = field(default_factory=list)  # known bad nodes, never counted or used
     data_root: str = MISSING
+    # Whether data_root can be seen where jobs are submitted (the login node), so a sweep checks
+    # the data before submitting; false where it exists only on compute nodes (Together's /data).
+    data_on_login_node: bool = True
     output_root: str = MISSING
     # Login node: shell lines that build the environment (e.g. `uv sync --frozen`), run once
     # per code snapshot with UV_PROJECT_ENVIRONMENT set to `env_root/<hash of uv.lock>`;

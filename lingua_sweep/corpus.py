@@ -176,9 +176,3 @@ def install(root: str | Path) -> Path:
         shutil.copyfile(source / name, tmp)
         os.replace(tmp, dest)  # concurrent installers each rename a complete file
     return root
-
-
-def ensure_embedded_corpus(cfg) -> bool:
-    """Old name of `install(cfg.root)`, kept while tests/test_launcher.py still calls it."""
-    install(cfg.root)
-    return True

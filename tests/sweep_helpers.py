@@ -65,8 +65,24 @@ def slurm(testbed, cluster: str, *argv: str, check=True) -> str:
                           check=check).stdout  # fmt: skip
 
 
-def sacct_jobs(testbed, cluster: str, name_prefix: str | None = None) -> dict[str, str]:
-    """{job id: state} of the last two hours' jobs, optionally only those of one sweep."""
+def sacct_jobs(
+    testbed, cluster: str, name_prefix: str | None = None, *, at_least: int = 0
+) -> dict[str, str]:
+    """{job id: state} of the last two hours' jobs, optionally only those of one sweep.
+
+    slurmdbd learns of a job a moment after slurmctld (which the launcher may have asked), so
+    with `at_least` it waits up to 15 s for that many final records.
+    """
+    deadline = time.monotonic() + 15
+    while True:
+        jobs = _sacct_jobs(testbed, cluster, name_prefix)
+        done = [s for s in jobs.values() if s not in ("PENDING", "RUNNING", "REQUEUED")]
+        if len(done) >= at_least or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.5)
+
+
+def _sacct_jobs(testbed, cluster: str, name_prefix: str | None) -> dict[str, str]:
     out = slurm(testbed, cluster, "sacct", "-X", "-n", "-P", "-S", "now-2hours",
                 "-o", "JobID,JobName%100,State")  # fmt: skip
     jobs = {}

@@ -26,8 +26,7 @@ from sweep_helpers import (
     sweep_cmd,
 )
 
-from lingua_sweep.config import DataConfig
-from lingua_sweep.corpus import ensure_embedded_corpus
+from lingua_sweep import corpus
 from lingua_sweep.sweep import remote
 
 LRS = "optim.lr=1e-3,2e-3,3e-3,4e-3,5e-3,6e-3"
@@ -37,7 +36,7 @@ LRS = "optim.lr=1e-3,2e-3,3e-3,4e-3,5e-3,6e-3"
 def testbed(slurm_testbed):
     for name in ("alpha", "beta"):
         root = yaml.safe_load((slurm_testbed.cluster_conf_dir / f"{name}.yaml").read_text())
-        ensure_embedded_corpus(DataConfig(root=root["data_root"]))
+        corpus.install(root["data_root"])  # the testbed's "cluster data"
     return slurm_testbed
 
 
@@ -61,9 +60,17 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def sweep_ids(testbed, sweep_dir: Path) -> dict[str, dict[str, str]]:
-    header = journal_records(sweep_dir)[0]
+    records = journal_records(sweep_dir)
+    header = records[0]
+    at_least = {}  # the jobs the journal says are final: wait for slurmdbd to know them too
+    for r in records:
+        if r["kind"] == "submitted":
+            finals = {x["index"] for x in records if x["kind"] == "result"}
+            n = sum(int(i) in finals for i in r["job_ids"])
+            at_least[r["cluster"]] = at_least.get(r["cluster"], 0) + n
     prefix = f"debug.{header['id']}."
-    return {c: sacct_jobs(testbed, c, prefix) for c in ("alpha", "beta")}
+    return {c: sacct_jobs(testbed, c, prefix, at_least=at_least.get(c, 0))
+            for c in ("alpha", "beta")}  # fmt: skip
 
 
 @pytest.mark.slurm

@@ -23,15 +23,14 @@ from sweep_helpers import (
 )
 from wandb_offline import run_info
 
-from lingua_sweep.config import DataConfig
-from lingua_sweep.corpus import ensure_embedded_corpus
+from lingua_sweep import corpus
 
 
 @pytest.fixture(scope="module")
 def testbed(slurm_testbed):
     for name in ("alpha", "beta"):
         root = yaml.safe_load((slurm_testbed.cluster_conf_dir / f"{name}.yaml").read_text())
-        ensure_embedded_corpus(DataConfig(root=root["data_root"]))
+        corpus.install(root["data_root"])  # the testbed's "cluster data"
     return slurm_testbed
 
 
@@ -58,7 +57,7 @@ def test_sweep_fills_room_on_both_clusters_and_keeps_going_past_failed_jobs(tmp_
     assert "sweep summary" in result.stderr and f"lingua-sweep results {sweep_dir}" in result.stderr
 
     prefix = sweep_prefix(sweep_dir)
-    per_cluster = {c: sacct_jobs(testbed, c, prefix) for c in ("alpha", "beta")}
+    per_cluster = {c: sacct_jobs(testbed, c, prefix, at_least=2) for c in ("alpha", "beta")}
     assert (len(per_cluster["alpha"]), len(per_cluster["beta"])) == (2, 2), per_cluster
     statuses = {}
     for job in range(4):
@@ -109,6 +108,7 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, testbed):
         ("optim.scheduler=cosine,nope", "optim.scheduler='nope' is not registered"),
         ("model.vocab_size=5", "does not match tokenizer"),
         ("hydra.launcher.clusters=[alpha,nowhere]", "unknown cluster(s) ['nowhere']"),
+        ("data.root=/no/such/data", "/no/such/data"),  # checked here and on beta's login node
     ],
 )
 def test_a_bad_override_is_one_line_and_submits_nothing(tmp_path, testbed, bad, message):
@@ -119,7 +119,7 @@ def test_a_bad_override_is_one_line_and_submits_nothing(tmp_path, testbed, bad, 
     assert len(error) == 1 and message in error[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert {c: sacct_jobs(testbed, c) for c in ("alpha", "beta")} == before
-    assert not any(r["kind"] == "job" for r in journal_records(tmp_path / "sweep"))
+    assert not any(r["kind"] == "intent" for r in journal_records(tmp_path / "sweep"))
 
 
 def test_sweep_without_slurm_runs_on_the_local_cluster_in_slots(tmp_path):
@@ -183,7 +183,7 @@ def test_ctrl_c_cancels_queued_and_running_jobs_on_both_clusters(tmp_path, testb
     prefix = sweep_prefix(sweep_dir)
     time.sleep(2)
     for cluster in ("alpha", "beta"):
-        jobs = sacct_jobs(testbed, cluster, prefix)
+        jobs = sacct_jobs(testbed, cluster, prefix, at_least=2)
         assert jobs and set(jobs.values()) == {"CANCELLED"}, (cluster, jobs)
     finals = {r["index"]: r["status"] for r in journal_records(sweep_dir) if r["kind"] == "result"}
     assert finals == dict.fromkeys(range(6), "CANCELLED")

@@ -326,8 +326,11 @@ def cancel(job_ids: list[str], *, slurm: bool) -> None:
             os.kill(int(pid), signal.SIGINT)  # submitit's local controller stops its tasks
 
 
-def missing_paths(paths: list[str]) -> list[str]:
-    return [p for p in paths if not Path(p).exists()]
+def missing_paths(patterns: list[str]) -> list[str]:
+    """The paths (or glob patterns) that match nothing on this machine."""
+    import glob
+
+    return [p for p in patterns if not glob.glob(os.path.expanduser(p))]
 
 
 # --- CLI, run on a remote login node --------------------------------------------------------

@@ -47,6 +47,7 @@ class Link:
     config: ClusterConfig
     backend: Backend
     status: cluster_lib.ClusterStatus | None = None
+    unusable: str | None = None  # a reason this sweep cannot use it at all (its data is missing)
     down_until: float = 0.0
     failures: int = 0
     reason: str | None = None  # why it is down, for the live view and status
@@ -61,7 +62,7 @@ class Link:
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return self.unusable is None and time.monotonic() >= self.down_until
 
 
 class Controller:
@@ -110,6 +111,7 @@ class Controller:
         self.want_metrics = False
         self.last_probe = -1e9
         self.submit_failures: dict[int, int] = {}
+        self.data_checked: dict[tuple, str | None] = {}
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
 
     # --- opening a sweep ------------------------------------------------------------------
@@ -267,6 +269,9 @@ class Controller:
         queued = sorted(self.jobs(QUEUED), key=lambda j: j.index)
         if not queued or self.composer is None or self.state.cancel_requested:
             return
+        unusable = [link.unusable for link in self.links.values() if link.unusable]
+        if len(unusable) == len(self.links):
+            raise UserError(unusable[0])
         self._probe()
         rooms = self.rooms()
         reachable = self._reachable_slurm()
@@ -310,6 +315,11 @@ class Controller:
         tasks, remote_dirs = [], {}
         for job in share:
             config = self.composer.compose(job.overrides, job.index, c, base)
+            problem = self._data_problem(link, config)
+            if problem:
+                log.error("cluster %s cannot run this sweep: %s", c.name, problem)
+                link.unusable = problem
+                return  # its jobs stay queued for the other clusters
             self.configs[job.index] = config
             tasks.append(agent.JobTask(task_function=self.task_function, config=config,
                                        job_num=job.index, cluster=c.name))  # fmt: skip
@@ -350,6 +360,40 @@ class Controller:
         self.submitted_any = True
         for index, job_id in zip(indices, ids, strict=True):
             log.info("#%d -> %s job %s", index, c.name, job_id)
+
+    def _data_problem(self, link: Link, config) -> str | None:
+        """The trainer's data must exist where the job will run, before anything is submitted:
+        checked here for this machine's filesystem, by the agent on a login node."""
+        from lingua_sweep.sweep.compose import is_trainer_config
+
+        c = link.config
+        if not is_trainer_config(config) or not c.data_on_login_node:
+            return None
+        key = (c.name, config.data.root, config.data.train_files, config.data.val_file)
+        if key in self.data_checked:
+            return self.data_checked[key]
+        problem = None
+        if link.backend.code == {}:  # this machine's filesystem
+            from lingua_sweep.data import check_data_files
+
+            try:
+                check_data_files(config.data, cluster=c.name)
+            except UserError as e:
+                problem = str(e)
+        else:
+            root = str(config.data.root)
+            patterns = [f"{root}/{config.data.train_files}", f"{root}/{config.data.val_file}"]
+            try:
+                missing = link.backend.missing(patterns)
+            except remote.RemoteError:
+                return None  # unknown now; the job itself checks when it starts
+            if missing:
+                problem = (
+                    f"{missing[0]} does not exist on {c.name}'s login node (data.root={root} "
+                    f"from cluster {c.name}); copy the data there or set data.root"
+                )
+        self.data_checked[key] = problem
+        return problem
 
     # --- watching -------------------------------------------------------------------------
 

@@ -92,7 +92,8 @@ def render(rows: list[Row], *, title: str, clusters_note: str = "") -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, caption=clusters_note)
     for name, kw in [
         ("#", {"justify": "right"}), ("params", {"overflow": "fold", "min_width": 14}),
-        ("cluster", {}), ("job", {}), ("state", {"no_wrap": True}), ("step", {"justify": "right", "no_wrap": True}),
+        ("cluster", {}), ("job", {}), ("state", {"no_wrap": True}),
+        ("step", {"justify": "right", "no_wrap": True}),
         ("loss", {"justify": "right", "no_wrap": True}), ("elapsed", {"justify": "right"}),
         ("note", {"overflow": "fold", "ratio": 1}),
     ]:  # fmt: skip
