@@ -50,9 +50,13 @@ def slurm(args: list[str], env: dict[str, str], check: bool = True) -> str:
 
 
 def queued(job_name: str, env: dict[str, str]) -> set[str]:
-    """Ids of the jobs named job_name in alpha's queue; array tasks one by one (`-r`)."""
-    out = slurm(["squeue", "-h", "-r", f"--name={job_name}", "--format=%i"], env, check=False)
-    return set(out.split())
+    """Ids of the sweep's jobs in alpha's queue (their Slurm name is job_name or starts with
+    `job_name.`); array tasks one by one (`-r`)."""
+    out = slurm(["squeue", "-h", "-r", "--format=%i %j"], env, check=False)
+    return {
+        job_id for job_id, _, name in (line.partition(" ") for line in out.splitlines())
+        if name == job_name or name.startswith(f"{job_name}.")
+    }  # fmt: skip
 
 
 def wait_for(what: str, ready, timeout: float) -> None:
@@ -97,7 +101,8 @@ def sweep_command(side: str, jobs: int, name: str, conf_dir: Path, sweep_dir: Pa
         f"hydra.sweep.dir={sweep_dir}",
     ]
     if side == "multicluster":
-        return [*cmd, "hydra/launcher=multicluster", "hydra.launcher.clusters=[alpha]"]
+        return [*cmd, "hydra/launcher=multicluster", "hydra.launcher.clusters=[alpha]",
+                "hydra.launcher.live=false"]  # fmt: skip
     return [
         *cmd,
         "hydra/launcher=submitit_slurm",
@@ -107,8 +112,9 @@ def sweep_command(side: str, jobs: int, name: str, conf_dir: Path, sweep_dir: Pa
 
 
 def job_name(side: str, name: str) -> str:
-    """The Slurm job name each launcher gives the sweep's jobs."""
-    return f"{name}_alpha" if side == "multicluster" else name
+    """The Slurm job name each launcher gives the sweep's jobs (multicluster: a prefix of
+    `<name>.<sweep id>.<submission>`)."""
+    return name
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -150,7 +156,9 @@ def measure(side: str, jobs: int, name: str, tmp: Path, testbed, env: dict[str, 
             time.sleep(POLL_S)
     finally:
         stop_group(proc)
-        slurm(["scancel", f"--name={slurm_name}"], env, check=False)
+        ids = queued(slurm_name, env)
+        if ids:
+            slurm(["scancel", *ids], env, check=False)
         wait_for(f"{slurm_name} to leave the queue", lambda: not queued(slurm_name, env),
                  CLEAN_TIMEOUT_S)  # fmt: skip
 

@@ -1,6 +1,19 @@
 """Dispatch: capacity in the job's own units, priority order, when_busy, moving (pure)."""
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+from sweep_helpers import (
+    clean_env,
+    hold_node,
+    journal_records,
+    one_job_per_node,
+    sacct_jobs,
+    slurm,
+)
 
 from lingua_sweep.clusters import (
     ClusterStatus,
@@ -124,3 +137,95 @@ def test_a_job_moves_once_and_only_where_there_is_room():
     assert not dispatch.should_move(700, 1, 600, {"beta": 1})  # moved already
     assert not dispatch.should_move(700, 0, 600, {"beta": 0})  # nowhere better
     assert not dispatch.should_move(700, 0, None, {"beta": 1})  # moving disabled
+
+
+def wait_for(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+# --- live, on the testbed --------------------------------------------------------------------
+
+RANK_APP = Path(__file__).resolve().parent / "apps" / "rank_app.py"
+
+
+def app_sweep_cmd(testbed, sweep_dir, *args):
+    return [
+        sys.executable, str(RANK_APP), "-m", "hydra/launcher=multicluster",
+        f"hydra.searchpath=[file://{testbed.conf_dir}]", "hydra.launcher.poll_interval_s=1",
+        "hydra.launcher.probe_every_s=1", "hydra.launcher.live=false",
+        f"hydra.sweep.dir={sweep_dir}", *args,
+    ]  # fmt: skip
+
+
+@pytest.mark.slurm
+def test_capacity_is_counted_in_gpus_per_job(tmp_path, slurm_testbed):
+    tb = slurm_testbed
+    # 3 of one node's 4 GPUs taken: 2-GPU jobs fit 0 + 2 times on the two GPU nodes.
+    holder = slurm(
+        tb,
+        "alpha",
+        "sbatch",
+        "--parsable",
+        "-p",
+        tb.gpu_partition,
+        "-N1",
+        "--gres=gpu:3",
+        "--output=/dev/null",
+        "--wrap",
+        "sleep 600",
+    ).strip()
+    try:
+        wait_for(lambda: slurm(tb, "alpha", "squeue", "-h", "-j", holder, "-o", "%T").strip()
+                 == "RUNNING", 30)  # fmt: skip
+        sweep_dir = tmp_path / "sweep"
+        result = subprocess.run(
+            app_sweep_cmd(tb, sweep_dir, "value=1,2,3", "sleep_s=4",
+                          f"hydra.launcher.clusters=[{tb.gpu_cluster}]",
+                          "hydra.launcher.gpus_per_node=2", "hydra.launcher.when_busy=wait"),
+            cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        slurm(tb, "alpha", "scancel", holder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = journal_records(sweep_dir)
+    submitted = [r for r in records if r["kind"] == "submitted"]
+    assert [sorted(map(int, r["job_ids"])) for r in submitted] == [[0, 1], [2]]
+    assert all(r["tasks"] == 2 for r in submitted)  # one task per GPU
+    first_result = min(r["t"] for r in records if r["kind"] == "result")
+    assert submitted[1]["t"] >= first_result  # the third waited for room, here
+    assert sorted(r["value"] for r in records if r["kind"] == "result") == [102, 202, 302]
+
+
+@pytest.mark.slurm
+def test_a_job_pending_too_long_moves_to_a_cluster_that_frees_up(tmp_path, slurm_testbed):
+    tb = slurm_testbed
+    holders = {c: [hold_node(tb, c), hold_node(tb, c)] for c in ("alpha", "beta")}
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        app_sweep_cmd(tb, sweep_dir, "value=7", "hydra.launcher.clusters=[alpha,beta]",
+                      one_job_per_node(tb), "hydra.launcher.max_pending_s=4"),
+        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        # No room anywhere: it queues on alpha (the first cluster). Then beta frees up.
+        wait_for(lambda: any(r.get("state") == "PENDING" or r["kind"] == "submitted"
+                             for r in journal_records(sweep_dir)), 60)  # fmt: skip
+        slurm(tb, "beta", "scancel", *holders["beta"])
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+        slurm(tb, "alpha", "scancel", *holders["alpha"])
+    assert proc.returncode == 0, output[-3000:]
+    records = journal_records(sweep_dir)
+    (moved,) = [r for r in records if r["kind"] == "moved"]
+    assert (moved["cluster"], moved["to"]) == ("alpha", "beta")
+    submitted = [r for r in records if r["kind"] == "submitted"]
+    assert [r["cluster"] for r in submitted] == ["alpha", "beta"]
+    (result,) = [r for r in records if r["kind"] == "result"]
+    assert (result["status"], result["value"]) == ("COMPLETED", 701)
+    header = records[0]
+    alpha_jobs = sacct_jobs(tb, "alpha", f"rank_app.{header['id']}.", at_least=1)
+    assert list(alpha_jobs.values()) == ["CANCELLED"]  # cancelled where it waited, run once

@@ -48,9 +48,28 @@ def test_missing_program():
         remote.run(["no-such-program-xyz"], login=None, timeout=5)
 
 
-def test_ssh_is_batch_mode_with_connect_timeout():
+def test_ssh_is_batch_mode_with_connect_timeout_over_one_shared_connection(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINGUA_SWEEP_SSH_DIR", str(tmp_path / "ssh"))
     cmd = remote.ssh_command(["-F", "cfg"], connect_timeout=7.5)
-    assert cmd == ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=7", "-F", "cfg"]
+    assert cmd[:5] == ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=7"]
+    assert cmd[-2:] == ["-F", "cfg"]  # the cluster's own options come last: they win
+    options = dict(o.split("=", 1) for o in cmd[6:-2:2])  # the -o values after the first two
+    assert options == {
+        "ControlMaster": "auto",
+        "ControlPath": f"{tmp_path / 'ssh'}/%C",
+        "ControlPersist": str(remote.CONTROL_PERSIST_S),
+    }
+    assert oct((tmp_path / "ssh").stat().st_mode & 0o777) == "0o700"
+    assert remote.ssh_command(connect_timeout=3, multiplex=False)[5:] == []
+
+
+def test_a_control_dir_others_can_enter_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "ssh"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("LINGUA_SWEEP_SSH_DIR", str(shared))
+    with pytest.raises(RuntimeError, match="mode 700"):
+        remote.ssh_command(connect_timeout=3)
 
 
 def test_sync_code_locally(tmp_path):
