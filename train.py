@@ -62,9 +62,12 @@ def with_detected_cluster(argv: list[str]) -> list[str]:
 
 def report_config_errors_on_one_line() -> None:
     """Hydra prints a composition error over several lines with a `+key` hint that our schema
-    makes wrong; users get one line naming the key and where the keys are listed (exit 2)."""
+    makes wrong; users get one line naming the key and where the keys are listed (exit 2). The
+    sweep launcher's own mistakes arrive here the same way; failed jobs exit 1."""
     import hydra._internal.utils as hydra_utils
     from hydra.errors import CompactHydraException
+
+    from lingua_sweep.sweep.launch import SweepFailed
 
     original = hydra_utils.run_and_report
 
@@ -72,6 +75,9 @@ def report_config_errors_on_one_line() -> None:
         def one_line_errors():
             try:
                 return func()
+            except SweepFailed as e:  # jobs failed: the table is printed, this is its last line
+                print(str(e), file=sys.stderr)
+                sys.exit(1)
             except CompactHydraException as e:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise

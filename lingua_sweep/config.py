@@ -161,6 +161,9 @@ class TrainConfig:
     dump_base: str = "${cluster.output_root}"
     steps: int = 1000
     seed: int = 42
+    # The code a sweep's job runs: git commit (+"-dirty"), set by the sweep launcher; in the
+    # run's config.yaml and WandB config.
+    code_version: str | None = None
     cluster: ClusterConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -67,18 +67,24 @@ class JobTask:
     raised again after it is recorded, so submitit stores it and Slurm says FAILED.
     """
 
-    def __init__(self, *, task_function, config, job_num: int, cluster: str):
+    def __init__(self, *, task_function, config, job_num: int, cluster: str, singletons=None):
         self.task_function = task_function
         self.config = config
         self.job_num = job_num
         self.cluster = cluster
+        # Hydra's global state as the launcher had it (job name, config store), as Hydra's own
+        # launchers hand it to their jobs.
+        self.singletons = singletons
 
     def __call__(self):
         import submitit
+        from hydra.core.singleton import Singleton
         from hydra.core.utils import JobStatus, run_job, setup_globals
         from hydra.types import HydraContext
         from omegaconf import open_dict
 
+        if self.singletons is not None:
+            Singleton.set_state(self.singletons)
         setup_globals()
         os.environ["LINGUA_CLUSTER"] = self.cluster  # any app can tell where it runs
         env = submitit.JobEnvironment()
@@ -107,7 +113,7 @@ class JobTask:
         if ret.status != JobStatus.FAILED:
             if main:
                 write_status(job_dir, status="COMPLETED", error=None, finished=time.time())
-            return ret._return_value
+            return ret  # the whole JobReturn (configs, working dir) for Hydra's sweepers
         error = ret._return_value
         previous_handler = getattr(error, "previous_handler", None)  # trainer's Preempted
         if callable(previous_handler):
@@ -258,7 +264,9 @@ def outcome(folder: str, job_id: str, tasks: int, state: dict[str, str]) -> dict
             return {"status": "FAILED", "error": where + last_line(str(value)), "rank": task}
     missing = [t for t in range(tasks) if t not in results]
     if not missing and slurm_state in ("COMPLETED", "FINISHED"):
-        return {"status": "COMPLETED", "value": results[0][1]}
+        ret = results[0][1]  # rank 0's JobReturn
+        value = getattr(ret, "_return_value", ret)
+        return {"status": "COMPLETED", "value": value, "job_return": ret}
     why = WHY_FAILED.get(slurm_state, f"{slurm_state} (exit {state.get('exit', '?')})")
     log = JobPaths(folder, job_id, missing[0] if missing else 0).stderr
     return {"status": "FAILED", "error": f"{why}; no result from rank(s) {missing}; see {log}"}

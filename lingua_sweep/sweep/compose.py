@@ -116,11 +116,12 @@ def experiment_name(config: DictConfig) -> str:
 
 
 def config_hash(config: DictConfig) -> str:
-    """What the job will compute: the config without Hydra's bookkeeping and the cluster (which
-    the dispatcher may change), interpolations unresolved (so `${now:}` never differs)."""
+    """What the job will compute: the config without Hydra's bookkeeping, the cluster (which the
+    dispatcher may change) and the code version (a resumed sweep may run fixed code),
+    interpolations unresolved (so `${now:}` never differs)."""
     content = OmegaConf.to_container(config, resolve=False)
-    content.pop("hydra", None)
-    content.pop("cluster", None)
+    for key in ("hydra", "cluster", "code_version"):  # where and with which commit: not what
+        content.pop(key, None)
     text = OmegaConf.to_yaml(OmegaConf.create(content), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

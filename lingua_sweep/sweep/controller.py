@@ -29,7 +29,12 @@ from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import agent, dispatch, remote
 from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.backends import Backend, make_backend
-from lingua_sweep.sweep.compose import JobComposer, config_hash, remote_sweep_dir
+from lingua_sweep.sweep.compose import (
+    JobComposer,
+    config_hash,
+    is_trainer_config,
+    remote_sweep_dir,
+)
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
 from lingua_sweep.sweep.params import WHEN_BUSY, LauncherParams
 
@@ -107,6 +112,7 @@ class Controller:
         self.monitor = monitor
         self.configs: dict[int, Any] = {}  # job index -> composed config, this process only
         self.metrics: dict[int, str] = {}  # job index -> metrics.jsonl text of a running job
+        self.returns: dict[int, Any] = {}  # job index -> Hydra's JobReturn, as the job made it
         self.on_result: Callable[[JobEntry], None] | None = None
         self.want_metrics = False
         self.last_probe = -1e9
@@ -312,9 +318,14 @@ class Controller:
             self._record("code", cluster=c.name, **link.backend.code)
         name = self.state.header.get("name") or "sweep"
         base = str(self.sweep_dir) if local else remote_sweep_dir(c, name, self.sweep_dir)
+        from hydra.core.singleton import Singleton
+
+        singletons = Singleton.get_state()
         tasks, remote_dirs = [], {}
         for job in share:
             config = self.composer.compose(job.overrides, job.index, c, base)
+            if is_trainer_config(config) and self.code_version:
+                config.code_version = self.code_version
             problem = self._data_problem(link, config)
             if problem:
                 log.error("cluster %s cannot run this sweep: %s", c.name, problem)
@@ -322,7 +333,8 @@ class Controller:
                 return  # its jobs stay queued for the other clusters
             self.configs[job.index] = config
             tasks.append(agent.JobTask(task_function=self.task_function, config=config,
-                                       job_num=job.index, cluster=c.name))  # fmt: skip
+                                       job_num=job.index, cluster=c.name,
+                                       singletons=singletons))  # fmt: skip
             if not local:
                 remote_dirs[str(job.index)] = f"{base}/{job.index}"
         shape = dispatch.job_shape(c, self.p)
@@ -361,11 +373,16 @@ class Controller:
         for index, job_id in zip(indices, ids, strict=True):
             log.info("#%d -> %s job %s", index, c.name, job_id)
 
+    @property
+    def code_version(self) -> str | None:
+        code = self.state.header.get("code", {})
+        if not code.get("commit"):
+            return None
+        return code["commit"][:12] + ("-dirty" if code.get("dirty") else "")
+
     def _data_problem(self, link: Link, config) -> str | None:
         """The trainer's data must exist where the job will run, before anything is submitted:
         checked here for this machine's filesystem, by the agent on a login node."""
-        from lingua_sweep.sweep.compose import is_trainer_config
-
         c = link.config
         if not is_trainer_config(config) or not c.data_on_login_node:
             return None
@@ -446,6 +463,8 @@ class Controller:
                 log.warning("#%d: could not fetch outputs from %s: %s", job.index, job.cluster,
                             e.reason)  # fmt: skip
         status = outcome["status"]
+        if outcome.get("job_return") is not None:
+            self.returns[job.index] = outcome["job_return"]
         value, pickled = _encode(outcome.get("value"))
         agent.write_status(local_dir, status=status, error=outcome.get("error"),
                            job_id=job.job_id, cluster=job.cluster)  # fmt: skip
@@ -548,7 +567,13 @@ def candidate_clusters(p: LauncherParams, registry: dict[str, ClusterConfig]) ->
 def project_root(task_function: Callable) -> Path:
     """The app's project dir (what reaches a remote login node): the nearest parent of the task
     function's file with a pyproject.toml or .git, else that file's dir."""
-    start = Path(inspect.getfile(task_function)).resolve().parent
+    try:
+        start = Path(inspect.getfile(task_function)).resolve().parent
+    except (TypeError, OSError):  # a callable object, or code typed at a prompt
+        try:
+            start = Path(inspect.getfile(type(task_function))).resolve().parent
+        except (TypeError, OSError):
+            return Path.cwd()
     for d in (start, *start.parents):
         if (d / "pyproject.toml").exists() or (d / ".git").exists():
             return d

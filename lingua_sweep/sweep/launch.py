@@ -7,10 +7,11 @@ reattaches to the sweep instead of starting it again.
 """
 
 import logging
-import sys
+import time
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from lingua_sweep import clusters
@@ -19,7 +20,7 @@ from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import dispatch
 from lingua_sweep.sweep.compose import JobComposer, experiment_name
 from lingua_sweep.sweep.controller import Controller, decode_value
-from lingua_sweep.sweep.journal import QUEUED
+from lingua_sweep.sweep.journal import QUEUED, Journal
 from lingua_sweep.sweep.monitor import Monitor
 from lingua_sweep.sweep.params import LauncherParams
 
@@ -27,15 +28,26 @@ log = logging.getLogger(__name__)
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-class SweepFailed(SystemExit):
-    """Ends a basic sweep with some failed jobs: exit 1 after the summary, no traceback."""
+class SweepConfigError(CompactHydraException):
+    """A user mistake found before anything was submitted; Hydra prints it as one line."""
+
+
+class SweepFailed(CompactHydraException):
+    """Some jobs of a basic sweep failed: one line after the summary table (exit 1)."""
 
 
 def build_controller(launcher, p: LauncherParams, *, monitor=None) -> Controller:
     cfg = launcher.config
     registry = clusters.load_clusters(searchpath_dirs(cfg))
+    sweep_dir = Path(str(cfg.hydra.sweep.dir))
+    journal = Journal(sweep_dir)
+    if not p.resume and journal.exists() and not p.dry_run:
+        aside = journal.path.with_name(f"journal.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        journal.path.rename(aside)
+        log.warning("hydra.launcher.resume=false: a new sweep in %s (old journal: %s)",
+                    sweep_dir, aside.name)  # fmt: skip
     return Controller(
-        sweep_dir=Path(str(cfg.hydra.sweep.dir)),
+        sweep_dir=sweep_dir,
         params=p,
         registry=registry,
         here=here_cluster(cfg, registry),
@@ -49,8 +61,7 @@ def launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> 
     try:
         return _launch(launcher, p, job_overrides, initial_job_idx)
     except UserError as e:  # a mistake the user can fix: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SweepConfigError(str(e)) from None
 
 
 def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> list[JobReturn]:
@@ -82,13 +93,19 @@ def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) ->
     returns = [job_return(controller, i) for i in indices]
     failed = [r for r in returns if r.status != JobStatus.COMPLETED]
     if failed and str(launcher.config.hydra.sweeper.get("_target_")) == BASIC_SWEEPER:
-        raise SweepFailed(1)
+        raise SweepFailed(
+            f"{len(failed)} of {len(returns)} jobs did not complete (see the table above); "
+            f"`lingua-sweep results {controller.sweep_dir}` has the details"
+        )
     return returns
 
 
 def job_return(controller: Controller, index: int) -> JobReturn:
+    """The job's own JobReturn when this process saw it finish; else one from the journal."""
     job = controller.state.jobs[index]
     result = job.result or {}
+    if result.get("status") == "COMPLETED" and index in controller.returns:
+        return controller.returns[index]
     ret = JobReturn(overrides=job.overrides, cfg=controller.configs.get(index))
     if result.get("status") == "COMPLETED":
         ret.status = JobStatus.COMPLETED

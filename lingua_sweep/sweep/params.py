@@ -26,6 +26,9 @@ class LauncherParams:
     # (once); null = never.
     max_pending_s: float | None = 600.0
     detach: bool = False  # submit, print the sweep dir, return; `lingua-sweep status/resume`
+    # A sweep dir that already has a journal: reattach to that sweep (true), or start afresh,
+    # its journal kept aside as journal.<time>.jsonl (false).
+    resume: bool = True
     nodes: int = 1
     gpus_per_node: int | None = None  # null = the cluster's
     tasks_per_node: int | None = None  # null = one per GPU (one on a CPU partition)
