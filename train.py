@@ -52,11 +52,10 @@ def with_detected_cluster(argv: list[str]) -> list[str]:
         return argv
     if any(arg in ("--help", "-h", "--hydra-help") for arg in argv[1:]):
         return argv
-    # Beside the other overrides: argparse rejects positionals split around options (`-m`).
+    # Beside the other overrides: argparse rejects positionals split around options (`-m`);
+    # with none, first: after an option it would be read as that option's value (`--info`).
     detected = f"cluster={detect_cluster(load_clusters())}"
-    first = next((i for i, a in enumerate(argv) if i and "=" in a and not a.startswith("-")), None)
-    if first is None:
-        return [*argv, detected]
+    first = next((i for i, a in enumerate(argv) if i and "=" in a and not a.startswith("-")), 1)
     return [*argv[:first], detected, *argv[first:]]
 
 

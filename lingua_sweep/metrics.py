@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,6 +24,8 @@ from typing import Any
 
 from lingua_sweep.config import TrainConfig
 from lingua_sweep.errors import UserError
+
+log = logging.getLogger("lingua_sweep.train")
 
 # Dense bf16 peak FLOP/s per GPU, matched as substrings of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -143,15 +146,78 @@ class RunIdentity:
         return [self.provider, self.cluster, self.gpu_type, self.experiment, f"job_{self.job_id}"]
 
 
+class ConsoleReport:
+    """What a person watching the run sees (console and train.log, through logging): the run
+    dir and key settings, one line per `logging.freq` steps with an ETA, val losses, a summary.
+    Quiet when logging is not configured (e.g. `hydra/job_logging=disabled`)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, identity: RunIdentity):
+        self.total = cfg.steps
+        self.start_time: float | None = None
+        self.start_step = 0
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.last_step = 0
+        m, d, o = cfg.model, cfg.data, cfg.optim
+        log.info("run dir: %s", run_dir.resolve())
+        log.info(
+            "%s on %s (%s): %d steps; model dim %d x %d layers x %d heads; batch %d x seq %d; "
+            "%s lr %.3g (%s, warmup %d); %s",
+            cfg.name, identity.cluster, identity.gpu_type, cfg.steps, m.dim, m.n_layers,
+            m.n_heads, d.batch_size, d.seq_len, o.optimizer, o.lr, o.scheduler, o.warmup,
+            d.tokenizer.name,
+        )  # fmt: skip
+
+    def report(self, step: int, metrics: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if self.start_time is None:
+            self.start_time, self.start_step = now, step
+        self.last_step = step
+        if "loss/init" in metrics:
+            log.info("step %d/%d | loss/init %.4f", step, self.total, metrics["loss/init"])
+        if "loss/out" in metrics:
+            done = step - self.start_step
+            eta = (now - self.start_time) / done * (self.total - step) if done > 0 else None
+            tok = metrics.get("tokens_per_s")
+            log.info(
+                "step %d/%d | loss %.4f | lr %.3g | %s tok/s | ETA %s", step, self.total,
+                metrics["loss/out"], metrics.get("lr", float("nan")),
+                f"{tok:,.0f}" if tok is not None else "-", _clock(eta),
+            )  # fmt: skip
+        if "loss/val" in metrics:
+            self.last_val = metrics["loss/val"]
+            if self.best_val is None or self.last_val < self.best_val:
+                self.best_val = self.last_val
+            log.info("step %d/%d | val loss %.4f", step, self.total, self.last_val)
+
+    def summary(self, ok: bool) -> None:
+        if not ok:
+            return
+        took = time.monotonic() - self.start_time if self.start_time is not None else 0.0
+        val = "-" if self.last_val is None else f"{self.last_val:.4f} (best {self.best_val:.4f})"
+        log.info("done: step %d/%d in %s; final val loss %s", self.last_step, self.total,
+                 _clock(took), val)  # fmt: skip
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 class MetricLogger:
-    """Writes one JSON object per line to `metrics.jsonl`; mirrors to WandB on rank 0."""
+    """Writes one JSON object per line to `metrics.jsonl`; mirrors to WandB and the console on
+    rank 0."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, identity: RunIdentity, *, rank: int):
         self.enabled = rank == 0
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
+        self.console = None
         if not self.enabled:
             return
+        self.console = ConsoleReport(cfg, run_dir, identity)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")  # append: a resumed run continues
@@ -172,10 +238,12 @@ class MetricLogger:
             raise output_error(self.path, e) from e
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=step)
+        self.console.report(step, clean)
 
     def close(self, *, exit_code: int = 0) -> None:
         if not self.enabled:
             return
+        self.console.summary(ok=exit_code == 0)
         with contextlib.suppress(OSError):  # a failed write was reported when it happened
             self._file.close()
         if self.wandb_run is not None:
@@ -188,12 +256,20 @@ def _init_wandb(cfg: TrainConfig, run_dir: Path, identity: RunIdentity):
     from omegaconf import OmegaConf
 
     wb = cfg.logging.wandb
+    mode = wb.mode
+    if mode in (None, "online") and not wandb_key_configured():
+        # Never kill training over logging: without a key, keep the run offline (syncable later).
+        log.warning(
+            "WandB has no API key (run `wandb login` or set WANDB_API_KEY); logging offline "
+            "instead (set logging.wandb.mode=offline to say so, or logging.wandb=null)"
+        )
+        mode = "offline"
     # A stable id from the run directory: a resumed or requeued run continues the same run.
     run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
     return wandb.init(
         project=wb.project,
         entity=wb.entity,
-        mode=wb.mode,
+        mode=mode,
         dir=wb.dir or str(run_dir),
         id=run_id,
         resume="allow",
@@ -202,6 +278,20 @@ def _init_wandb(cfg: TrainConfig, run_dir: Path, identity: RunIdentity):
         tags=identity.wandb_tags,
         config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
     )
+
+
+def wandb_key_configured(environ=os.environ) -> bool:
+    """Whether WandB will find a key (environment or ~/.netrc): never reads or prints it."""
+    import netrc
+
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return True
+    path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        hosts = netrc.netrc(path).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host for host in hosts)
 
 
 class Throughput:
