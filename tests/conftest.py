@@ -3,9 +3,34 @@ import os
 import pytest
 import slurm_testbed as testbed_lib  # tests/ is on sys.path: pytest puts conftest's dir there
 
+SLURM_UNAVAILABLE = "Slurm testbed unavailable"
+_slurm_skips: dict[str, int] = {}  # reason -> number of tests skipped for it
+
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+        if reason.startswith(SLURM_UNAVAILABLE):
+            _slurm_skips[reason] = _slurm_skips.get(reason, 0) + 1
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session):
+    """Skipped Slurm tests are the last line of the run, after pytest's own totals: `-ra`'s
+    one SKIPPED line among many was missed (scripts/test.sh as non-root skipped them all)."""
+    result = yield
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for reason, count in _slurm_skips.items():
+        line = f"SKIPPED {count} Slurm testbed tests ({reason}); CI=true makes this a failure"
+        if reporter is not None:
+            reporter.write_line(line, yellow=True, bold=True)
+        else:
+            print(line)
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +48,7 @@ def slurm_testbed():
     if missing:
         problems.append(f"missing {', '.join(missing)} (run tests/install_system_deps.sh)")
     if problems:
-        reason = "Slurm testbed unavailable: " + "; ".join(problems)
+        reason = f"{SLURM_UNAVAILABLE}: " + "; ".join(problems)
         if _in_ci():
             pytest.fail(reason + " [CI is set, so this fails instead of skipping]")
         pytest.skip(reason)

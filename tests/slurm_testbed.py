@@ -453,13 +453,6 @@ Host {BETA_LOGIN}
 
 
 def _write_cluster_yamls(lay: _Layout) -> None:
-    # An `env` field (SLURM_CONF for alpha) is written only once the schema has it.
-    try:
-        from lingua_sweep.config import ClusterConfig
-
-        has_env = "env" in ClusterConfig.__dataclass_fields__
-    except ImportError:
-        has_env = False
     common = {
         "provider": "testbed",
         "partition": CPU_PARTITION,
@@ -476,6 +469,7 @@ def _write_cluster_yamls(lay: _Layout) -> None:
         **common,
         "output_root": str(lay.state / "outputs" / "alpha"),
         "priority": 10,
+        "env": {"SLURM_CONF": str(lay.slurm_conf("alpha"))},  # its Slurm commands find it
     }
     # The same Slurm as alpha; its GPUs are stand-ins, so it is nominally a cpu cluster too.
     alpha_gpu = {
@@ -487,9 +481,6 @@ def _write_cluster_yamls(lay: _Layout) -> None:
         "output_root": str(lay.state / "outputs" / "alpha-gpu"),
         "priority": 15,
     }
-    if has_env:
-        for cfg in (alpha, alpha_gpu):
-            cfg["env"] = {"SLURM_CONF": str(lay.slurm_conf("alpha"))}
     beta = {
         "name": "beta",
         "login": BETA_LOGIN,

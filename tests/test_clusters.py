@@ -1,6 +1,8 @@
 import dataclasses
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -144,7 +146,8 @@ def test_is_slurm_machine(tmp_path):
     no_conf = tmp_path / "slurm.conf"
     assert not is_slurm_machine({}, no_conf)
     assert is_slurm_machine({"SLURM_JOB_ID": "3"}, no_conf)
-    assert is_slurm_machine({"SLURM_CONF": "/x/slurm.conf"}, no_conf)
+    # An exported SLURM_CONF (a laptop talking to some cluster) does not make it a Slurm node.
+    assert not is_slurm_machine({"SLURM_CONF": "/x/slurm.conf"}, no_conf)
     no_conf.write_text("ClusterName=x\n")
     assert is_slurm_machine({}, no_conf)
 
@@ -181,11 +184,11 @@ slurm = pytest.mark.slurm
 
 
 @pytest.fixture
-def testbed_clusters(slurm_testbed, monkeypatch):
-    """alpha and beta as defined by the testbed; alpha's tools find it through SLURM_CONF."""
+def testbed_clusters(slurm_testbed):
+    """alpha and beta as defined by the testbed; alpha's tools find it through the SLURM_CONF
+    of its `env`, this process's own environment untouched."""
     clusters = load_clusters([slurm_testbed.conf_dir])
-    if not hasattr(clusters["alpha"], "env"):
-        monkeypatch.setenv("SLURM_CONF", str(slurm_testbed.alpha_slurm_conf))
+    assert clusters["alpha"].env == {"SLURM_CONF": str(slurm_testbed.alpha_slurm_conf)}
     return clusters
 
 
@@ -343,6 +346,41 @@ def test_local_cluster_is_always_available(registry):
 
 def test_probe_never_raises_without_slurm(registry, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # no sinfo, no ssh
-    statuses = probe([registry["research-secure"], registry["local"]], timeout_s=2)
+    # A login that resolves nowhere: not even a broken PATH lets this test reach a real cluster.
+    nowhere = dataclasses.replace(registry["research-secure"], name="x", login="login.invalid")
+    statuses = probe([nowhere, registry["local"]], timeout_s=2)
     assert [s.state for s in statuses] == ["unreachable", "local"]
     assert "cannot run" in statuses[0].reason
+
+
+# --- a run without the testbed says so ---------------------------------------------------
+
+AS_NON_ROOT = """
+import os, sys, pytest
+os.geteuid = lambda: 1000  # the testbed's fixture sees a user who cannot run it
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", sys.argv[1]]))
+"""
+
+
+def test_skipped_slurm_tests_are_the_last_line_and_fail_under_ci():
+    """`scripts/test.sh` as non-root skipped every Slurm test in one line among many."""
+    test = f"{__file__}::{test_testbed_definitions_compose_with_hydra.__name__}"
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    dev, ci = [
+        subprocess.Popen(
+            [sys.executable, "-c", AS_NON_ROOT, test],
+            env={**env, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for extra in ({}, {"CI": "true"})
+    ]
+    dev_out, ci_out = dev.communicate(timeout=60)[0], ci.communicate(timeout=60)[0]
+    assert dev.returncode == 0, dev_out
+    last = dev_out.splitlines()[-1]  # "needs root" and, where so, the missing packages
+    assert last.startswith("SKIPPED 1 Slurm testbed tests (Slurm testbed unavailable: needs root")
+    assert last.endswith("); CI=true makes this a failure"), last
+    assert ci.returncode == 1, ci_out
+    assert "[CI is set, so this fails instead of skipping]" in ci_out
+    assert "SKIPPED" not in ci_out
