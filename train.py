@@ -7,6 +7,7 @@ everything below reads it from the config.
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -46,6 +47,17 @@ def main(cfg: DictConfig) -> float:
         sys.exit(EX_TEMPFAIL)
 
 
+def config_dirs(argv: list[str]) -> list[str]:
+    """`--config-dir DIR` / `-cd DIR`: your cluster definitions there are known to detection too."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1])
+    return [d for d in dirs if (Path(d) / "cluster").is_dir()]
+
+
 def with_detected_cluster(argv: list[str]) -> list[str]:
     """Adds `cluster=<detected>` unless the user chose one."""
     if any(arg.startswith(("cluster=", "+cluster=")) for arg in argv[1:]):
@@ -54,7 +66,7 @@ def with_detected_cluster(argv: list[str]) -> list[str]:
         return argv
     # Beside the other overrides: argparse rejects positionals split around options (`-m`);
     # with none, first: after an option it would be read as that option's value (`--info`).
-    detected = f"cluster={detect_cluster(load_clusters())}"
+    detected = f"cluster={detect_cluster(load_clusters(config_dirs(argv)))}"
     first = next((i for i, a in enumerate(argv) if i and "=" in a and not a.startswith("-")), 1)
     return [*argv[:first], detected, *argv[first:]]
 

@@ -1,11 +1,11 @@
 """The `lingua-sweep` command: cluster availability, a sweep's state, its results.
 
-lingua-sweep clusters [--json] [--cluster NAME] [--timeout S] [--conf-dir DIR] [--nodes N]
+lingua-sweep clusters [--json] [--cluster NAME ...] [--timeout S] [--config-dir DIR] [--nodes N]
 lingua-sweep results MULTIRUN_DIR [--format table|md|csv] [--plot PNG] [--output FILE]
 lingua-sweep status SWEEP_DIR [--json] [--offline]
 lingua-sweep resume SWEEP_DIR
 lingua-sweep cancel SWEEP_DIR
-lingua-sweep login CLUSTER [--conf-dir DIR]
+lingua-sweep login CLUSTER [--config-dir DIR]
 """
 
 import argparse
@@ -86,7 +86,8 @@ def add_clusters_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="per-cluster probe timeout (s)")
     p.add_argument("--nodes", type=int, default=1, help="job size used to pick a cluster")
     p.add_argument(
-        "--conf-dir", action="append", default=[], metavar="DIR",
+        "--config-dir", "--conf-dir", dest="conf_dir", action="append", default=[],
+        metavar="DIR",
         help="extra cluster definitions (a dir of YAMLs or a conf root with cluster/); repeatable",
     )  # fmt: skip
     p.set_defaults(func=cmd_clusters)
@@ -153,7 +154,8 @@ def add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: verbs.cancel(a.sweep_dir))
     p = sub.add_parser("login", help="open the shared ssh connection (password/2FA) once")
     p.add_argument("cluster", metavar="CLUSTER")
-    p.add_argument("--conf-dir", action="append", default=[], metavar="DIR")
+    p.add_argument("--config-dir", "--conf-dir", dest="conf_dir", action="append", default=[],
+                   metavar="DIR")  # fmt: skip
     p.set_defaults(func=cmd_login)
 
 

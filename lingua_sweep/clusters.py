@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lingua_sweep.config import ClusterConfig
@@ -28,13 +29,27 @@ SLURM_CONF_DEFAULT = Path("/etc/slurm/slurm.conf")
 # --- loading -------------------------------------------------------------------------------
 
 
-def load_clusters(extra_dirs: Iterable[str | Path] = ()) -> dict[str, ClusterConfig]:
-    """Every cluster of conf/cluster/ plus extra dirs, by priority (then name).
+ONLY_ENV = "LINGUA_SWEEP_CLUSTERS"  # e.g. "mycluster,local": use only these
+
+
+def user_cluster_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Your own cluster definitions, read by the launcher, the CLI and detection alike."""
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(environ.get("HOME", "~"), ".config")
+    return Path(base).expanduser() / "lingua_sweep" / "clusters"
+
+
+def load_clusters(
+    extra_dirs: Iterable[str | Path] = (), environ: Mapping[str, str] = os.environ
+) -> dict[str, ClusterConfig]:
+    """Every cluster of conf/cluster/, your user dir, then extra dirs, by priority (then name).
 
     An extra dir is either a dir of cluster YAMLs or a Hydra searchpath root holding `cluster/`.
-    A later definition of the same name replaces an earlier one.
+    A later definition of the same name replaces an earlier one. With LINGUA_SWEEP_CLUSTERS set,
+    only the clusters it names (and `local`, the fallback of last resort) are known.
     """
     dirs = [CLUSTER_DIR]
+    if user_cluster_dir(environ).is_dir():
+        dirs.append(user_cluster_dir(environ))
     for d in map(Path, extra_dirs):
         dirs.append(d / "cluster" if (d / "cluster").is_dir() else d)
     clusters = {}
@@ -44,12 +59,27 @@ def load_clusters(extra_dirs: Iterable[str | Path] = ()) -> dict[str, ClusterCon
         for path in sorted(d.glob("*.yaml")):
             if path.stem != "cluster_schema":
                 clusters[path.stem] = _load_one(path)
+    only = [n.strip() for n in environ.get(ONLY_ENV, "").split(",") if n.strip()]
+    if only:
+        unknown = [n for n in only if n not in clusters]
+        if unknown:
+            raise UserError(
+                f"{ONLY_ENV} names unknown cluster(s) {unknown}; known: {', '.join(clusters)}"
+            )
+        clusters = {n: c for n, c in clusters.items() if n in only or n == "local"}
     return dict(sorted(clusters.items(), key=lambda kv: (kv[1].priority, kv[0])))
 
 
 def _load_one(path: Path) -> ClusterConfig:
     try:
         raw = OmegaConf.load(path)
+    except (OSError, yaml.YAMLError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"invalid cluster definition {path}: {reason}") from None
+    if not isinstance(raw, DictConfig):
+        raise UserError(f"invalid cluster definition {path}: expected a mapping of keys, not a "
+                        f"{type(raw).__name__}; see conf/cluster/*.yaml")  # fmt: skip
+    try:
         raw.pop("defaults", None)  # Hydra's defaults list; the schema is applied here instead
         cfg = OmegaConf.merge(OmegaConf.structured(ClusterConfig), raw)
         if OmegaConf.is_missing(cfg, "name"):
@@ -67,9 +97,10 @@ def _load_one(path: Path) -> ClusterConfig:
 
 
 def is_slurm_machine(environ: Mapping[str, str], slurm_conf: Path = SLURM_CONF_DEFAULT) -> bool:
-    """A Slurm job, a machine configured for Slurm, or one pointed at a slurm.conf."""
+    """A Slurm job, or a machine configured for Slurm. An exported SLURM_CONF alone (a laptop
+    pointed at some cluster's Slurm) does not make this machine one of that cluster's nodes."""
     in_job = "SLURM_JOB_ID" in environ or "SLURM_CLUSTER_NAME" in environ
-    return in_job or "SLURM_CONF" in environ or slurm_conf.exists()
+    return in_job or slurm_conf.exists()
 
 
 def detect_cluster(

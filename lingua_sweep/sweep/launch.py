@@ -153,13 +153,24 @@ def preview(controller: Controller, overrides: list[list[str]], first_index: int
 
 
 def searchpath_dirs(cfg: DictConfig) -> list[Path]:
-    """Cluster definitions beyond the package's: every `file://` entry of Hydra's search path
-    (`--config-dir` and `hydra.searchpath`)."""
+    """Cluster definitions beyond the package's and your user dir: every config source of
+    Hydra's search path (`--config-dir`, `hydra.searchpath`, file:// or pkg://) that has a
+    `cluster/` dir."""
+    import importlib.util
+
     dirs = []
-    for entry in cfg.hydra.searchpath or []:
-        entry = str(entry)
-        if entry.startswith("file://"):
-            dirs.append(Path(entry[len("file://") :]))
+    for source in cfg.hydra.runtime.get("config_sources") or []:
+        if source.schema == "file":
+            root = Path(source.path)
+        elif source.schema == "pkg":
+            spec = importlib.util.find_spec(source.path.replace("/", "."))
+            if spec is None or not spec.submodule_search_locations:
+                continue
+            root = Path(next(iter(spec.submodule_search_locations)))
+        else:
+            continue
+        if (root / "cluster").is_dir() and root.resolve() != clusters.CLUSTER_DIR.parent:
+            dirs.append(root)
     return dirs
 
 
