@@ -58,3 +58,16 @@ def slurm_testbed():
     yield testbed
     if not was_running:
         testbed_lib.stop()
+
+
+@pytest.fixture(scope="session")
+def testbed(slurm_testbed):
+    """The testbed with the trainer's data on its clusters (the embedded corpus as user data)."""
+    import yaml
+
+    from lingua_sweep import corpus
+
+    for name in ("alpha", "beta"):
+        root = yaml.safe_load((slurm_testbed.cluster_conf_dir / f"{name}.yaml").read_text())
+        corpus.install(root["data_root"])
+    return slurm_testbed

@@ -26,18 +26,9 @@ from sweep_helpers import (
     sweep_cmd,
 )
 
-from lingua_sweep import corpus
 from lingua_sweep.sweep import remote
 
 LRS = "optim.lr=1e-3,2e-3,3e-3,4e-3,5e-3,6e-3"
-
-
-@pytest.fixture(scope="module")
-def testbed(slurm_testbed):
-    for name in ("alpha", "beta"):
-        root = yaml.safe_load((slurm_testbed.cluster_conf_dir / f"{name}.yaml").read_text())
-        corpus.install(root["data_root"])  # the testbed's "cluster data"
-    return slurm_testbed
 
 
 @pytest.fixture

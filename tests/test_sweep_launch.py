@@ -23,16 +23,6 @@ from sweep_helpers import (
 )
 from wandb_offline import run_info
 
-from lingua_sweep import corpus
-
-
-@pytest.fixture(scope="module")
-def testbed(slurm_testbed):
-    for name in ("alpha", "beta"):
-        root = yaml.safe_load((slurm_testbed.cluster_conf_dir / f"{name}.yaml").read_text())
-        corpus.install(root["data_root"])  # the testbed's "cluster data"
-    return slurm_testbed
-
 
 def sweep_prefix(sweep_dir) -> str:
     header = journal_records(sweep_dir)[0]

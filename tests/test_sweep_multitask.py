@@ -69,15 +69,6 @@ def test_a_failing_rank_fails_the_job_naming_that_rank(tmp_path, slurm_testbed):
     assert state == "FAILED"
 
 
-@pytest.fixture(scope="module")
-def testbed(slurm_testbed):
-    from lingua_sweep import corpus
-
-    root = yaml.safe_load((slurm_testbed.cluster_conf_dir / "alpha.yaml").read_text())
-    corpus.install(root["data_root"])  # the testbed's "cluster data"
-    return slurm_testbed
-
-
 @pytest.mark.slurm
 @pytest.mark.parametrize(
     "shape",
