@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -60,7 +61,9 @@ def slurm(testbed, cluster: str, *argv: str, check=True) -> str:
     if cluster == "alpha":
         cmd, env = list(argv), {**os.environ, **testbed.env_alpha()}
     else:
-        cmd, env = ["ssh", "-F", str(testbed.ssh_config), testbed.beta_login, *argv], None
+        # One quoted command line: ssh joins its arguments with spaces for the remote shell.
+        cmd = ["ssh", "-F", str(testbed.ssh_config), testbed.beta_login, shlex.join(argv)]
+        env = None
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60,
                           check=check).stdout  # fmt: skip
 
@@ -110,6 +113,7 @@ def hold_node(testbed, cluster: str = "alpha") -> str:
         if slurm(testbed, cluster, "squeue", "-h", "-j", job_id, "-o", "%T").strip() == "RUNNING":
             return job_id
         time.sleep(0.2)
+    slurm(testbed, cluster, "scancel", job_id, check=False)
     raise AssertionError(f"the node-holding job {job_id} never started on {cluster}")
 
 

@@ -202,22 +202,29 @@ def test_capacity_is_counted_in_gpus_per_job(tmp_path, slurm_testbed):
 @pytest.mark.slurm
 def test_a_job_pending_too_long_moves_to_a_cluster_that_frees_up(tmp_path, slurm_testbed):
     tb = slurm_testbed
-    holders = {c: [hold_node(tb, c), hold_node(tb, c)] for c in ("alpha", "beta")}
+    holders: dict[str, list[str]] = {"alpha": [], "beta": []}
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.Popen(
-        app_sweep_cmd(tb, sweep_dir, "value=7", "hydra.launcher.clusters=[alpha,beta]",
-                      one_job_per_node(tb), "hydra.launcher.max_pending_s=4"),
-        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc = None
     try:
+        for cluster in ("alpha", "beta"):
+            holders[cluster] += [hold_node(tb, cluster), hold_node(tb, cluster)]
+        proc = subprocess.Popen(
+            app_sweep_cmd(tb, sweep_dir, "value=7", "hydra.launcher.clusters=[alpha,beta]",
+                          one_job_per_node(tb), "hydra.launcher.max_pending_s=4"),
+            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
         # No room anywhere: it queues on alpha (the first cluster). Then beta frees up.
         wait_for(lambda: any(r.get("state") == "PENDING" or r["kind"] == "submitted"
                              for r in journal_records(sweep_dir)), 60)  # fmt: skip
         slurm(tb, "beta", "scancel", *holders["beta"])
         output, _ = proc.communicate(timeout=180)
     finally:
-        proc.kill()
-        slurm(tb, "alpha", "scancel", *holders["alpha"])
+        if proc is not None:
+            proc.kill()
+        for cluster, ids in holders.items():
+            if ids:
+                slurm(tb, cluster, "scancel", *ids, check=False)
     assert proc.returncode == 0, output[-3000:]
     records = journal_records(sweep_dir)
     (moved,) = [r for r in records if r["kind"] == "moved"]
