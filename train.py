@@ -89,6 +89,14 @@ def report_config_errors_on_one_line() -> None:
             except SweepFailed as e:  # jobs failed: the table is printed, this is its last line
                 print(str(e), file=sys.stderr)
                 sys.exit(1)
+            except OSError as e:  # Hydra creating the run dir: the path and the OS's reason
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                where = f" {e.filename}" if e.filename else ""
+                reason = (e.strerror or str(e)).lower()
+                print(f"error: cannot write{where}: {reason}; choose another hydra.run.dir "
+                      "(or hydra.sweep.dir)", file=sys.stderr)  # fmt: skip
+                sys.exit(2)
             except CompactHydraException as e:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise

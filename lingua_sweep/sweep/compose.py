@@ -12,6 +12,7 @@ composed as Hydra would.
 
 import copy
 import hashlib
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -70,7 +71,7 @@ class JobComposer:
             base = self.cache.get(key)
             if base is None:
                 config = self.loader.load_sweep_config(self.base, extra)
-                self.cache[key] = config
+                self.cache[key] = copy.deepcopy(config)  # the cached one is never handed out
             else:
                 config = copy.deepcopy(base)
                 with open_dict(config):
@@ -87,7 +88,6 @@ class JobComposer:
                     )
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors have many types
             raise UserError(f"{where}: {_first_line(e)}") from e
-        config = copy.deepcopy(config)
         with open_dict(config.hydra.job):
             config.hydra.job.num = job_num
         if is_trainer_config(config):
@@ -119,10 +119,10 @@ def config_hash(config: DictConfig) -> str:
     """What the job will compute: the config without Hydra's bookkeeping, the cluster (which the
     dispatcher may change) and the code version (a resumed sweep may run fixed code),
     interpolations unresolved (so `${now:}` never differs)."""
-    content = OmegaConf.to_container(config, resolve=False)
-    for key in ("hydra", "cluster", "code_version"):  # where and with which commit: not what
-        content.pop(key, None)
-    text = OmegaConf.to_yaml(OmegaConf.create(content), sort_keys=True)
+    # Where and with which commit is not what: those keys are left out.
+    keys = [k for k in config if k not in ("hydra", "cluster", "code_version")]
+    content = OmegaConf.to_container(OmegaConf.masked_copy(config, keys), resolve=False)
+    text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -111,6 +111,7 @@ class Controller:
         }
         self.monitor = monitor
         self.configs: dict[int, Any] = {}  # job index -> composed config, this process only
+        self.composed_for: dict[int, tuple] = {}  # job index -> (cluster, sweep dir) of configs
         self.metrics: dict[int, str] = {}  # job index -> metrics.jsonl text of a running job
         self.returns: dict[int, Any] = {}  # job index -> Hydra's JobReturn, as the job made it
         self.on_result: Callable[[JobEntry], None] | None = None
@@ -155,6 +156,8 @@ class Controller:
             index = first_index + offset
             overrides = list(overrides)
             config = self.composer.compose(overrides, index, first, str(self.sweep_dir))
+            self.configs[index] = config
+            self.composed_for[index] = (first.name if first else None, str(self.sweep_dir))
             digest = config_hash(config)
             known = self.state.jobs.get(index)
             if known is not None and known.config_hash != digest:
@@ -168,8 +171,8 @@ class Controller:
                 new.append({"index": index, "overrides": overrides, "config_hash": digest,
                             "trial": trial})  # fmt: skip
             indices.append(index)
-        for record in new:
-            self._record("job", **record)
+        for record in self.journal.append_many([("job", r) for r in new]):
+            journal_lib.apply(self.state, record)
         return indices
 
     # --- the loop -------------------------------------------------------------------------
@@ -323,7 +326,11 @@ class Controller:
         singletons = Singleton.get_state()
         tasks, remote_dirs = [], {}
         for job in share:
-            config = self.composer.compose(job.overrides, job.index, c, base)
+            if self.composed_for.get(job.index) == (c.name, base):
+                config = self.configs[job.index]  # composed for this very cluster at register
+            else:
+                config = self.composer.compose(job.overrides, job.index, c, base)
+                self.composed_for[job.index] = (c.name, base)
             if is_trainer_config(config) and self.code_version:
                 config.code_version = self.code_version
             problem = self._data_problem(link, config)

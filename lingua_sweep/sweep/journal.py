@@ -80,8 +80,15 @@ class Journal:
     # --- writing ------------------------------------------------------------------------------
 
     def append(self, kind: str, **fields: Any) -> dict:
-        record = {"kind": kind, "t": round(time.time(), 3), **fields}
-        line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+        return self.append_many([(kind, fields)])[0]
+
+    def append_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[dict]:
+        """Several records in one write and one fsync (a sweep's jobs registered at once)."""
+        now = round(time.time(), 3)
+        records = [{"kind": kind, "t": now, **fields} for kind, fields in items]
+        line = b"".join(
+            (json.dumps(r, default=str, separators=(",", ":")) + "\n").encode() for r in records
+        )
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -96,7 +103,7 @@ class Journal:
             raise UserError(f"cannot write the sweep journal {self.path}: {_os_reason(e)}") from e
         finally:
             os.close(fd)
-        return record
+        return records
 
     def lock(self) -> None:
         """One controller per sweep: a second launcher or `resume` fails at once, naming the first.
