@@ -9,17 +9,12 @@ laptop closing) and a new controller picks the sweep up from the journal alone:
 - a result is read only once Slurm says the job is final, in the same call that polls it.
 """
 
-import inspect
-import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +30,7 @@ from lingua_sweep.sweep.compose import (
     is_trainer_config,
     remote_sweep_dir,
 )
+from lingua_sweep.sweep.header import project_root, sweep_header
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
 from lingua_sweep.sweep.params import WHEN_BUSY, LauncherParams
 
@@ -472,7 +468,7 @@ class Controller:
         status = outcome["status"]
         if outcome.get("job_return") is not None:
             self.returns[job.index] = outcome["job_return"]
-        value, pickled = _encode(outcome.get("value"))
+        value, pickled = journal_lib.encode_value(outcome.get("value"))
         agent.write_status(local_dir, status=status, error=outcome.get("error"),
                            job_id=job.job_id, cluster=job.cluster)  # fmt: skip
         self._record("result", index=job.index, status=status, value=value,
@@ -569,76 +565,3 @@ def candidate_clusters(p: LauncherParams, registry: dict[str, ClusterConfig]) ->
             f"unknown cluster(s) {unknown} in hydra.launcher; known: {', '.join(registry)}"
         )
     return sorted(wanted, key=lambda n: (registry[n].priority, n))
-
-
-def project_root(task_function: Callable) -> Path:
-    """The app's project dir (what reaches a remote login node): the nearest parent of the task
-    function's file with a pyproject.toml or .git, else that file's dir."""
-    try:
-        start = Path(inspect.getfile(task_function)).resolve().parent
-    except (TypeError, OSError):  # a callable object, or code typed at a prompt
-        try:
-            start = Path(inspect.getfile(type(task_function))).resolve().parent
-        except (TypeError, OSError):
-            return Path.cwd()
-    for d in (start, *start.parents):
-        if (d / "pyproject.toml").exists() or (d / ".git").exists():
-            return d
-    return start
-
-
-def sweep_header(controller: Controller) -> dict[str, Any]:
-    root = controller.code_root
-    return {
-        "id": uuid.uuid4().hex[:8],
-        "version": 1,
-        "sweep_dir": str(controller.sweep_dir),
-        "argv": [sys.executable, *sys.argv],
-        "cwd": os.getcwd(),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "clusters": controller.names,
-        # The definitions themselves: `status` and `cancel` reach the clusters from the journal.
-        "cluster_configs": {n: asdict(controller.registry[n]) for n in controller.names},
-        "params": asdict(controller.p),
-        "code": git_version(root) if root else {},
-    }
-
-
-def git_version(root: Path) -> dict[str, Any]:
-    """The commit the sweep's code is at, and whether the work tree differs from it."""
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=10)  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return {"root": str(root)}
-    if commit.returncode != 0:
-        return {"root": str(root)}
-    return {"root": str(root), "commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
-def _encode(value: Any) -> tuple[Any, str | None]:
-    """A JSON value for the journal, or (None, base64 pickle) for anything else."""
-    import base64
-
-    import cloudpickle
-
-    if value is None:
-        return None, None
-    try:
-        json.dumps(value, allow_nan=True)
-        return value, None
-    except (TypeError, ValueError):
-        return None, base64.b64encode(cloudpickle.dumps(value)).decode()
-
-
-def decode_value(result: dict[str, Any]) -> Any:
-    import base64
-
-    import cloudpickle
-
-    if result.get("value_pickle"):
-        return cloudpickle.loads(base64.b64decode(result["value_pickle"]))
-    return result.get("value")

@@ -241,3 +241,28 @@ def _os_reason(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return "no space left on device"
     return e.strerror or str(e)
+
+
+def encode_value(value: Any) -> tuple[Any, str | None]:
+    """A JSON value for the journal, or (None, base64 pickle) for anything else."""
+    import base64
+
+    import cloudpickle
+
+    if value is None:
+        return None, None
+    try:
+        json.dumps(value, allow_nan=True)
+        return value, None
+    except (TypeError, ValueError):
+        return None, base64.b64encode(cloudpickle.dumps(value)).decode()
+
+
+def decode_value(result: dict[str, Any]) -> Any:
+    import base64
+
+    import cloudpickle
+
+    if result.get("value_pickle"):
+        return cloudpickle.loads(base64.b64decode(result["value_pickle"]))
+    return result.get("value")

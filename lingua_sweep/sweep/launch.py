@@ -19,8 +19,8 @@ from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import dispatch
 from lingua_sweep.sweep.compose import JobComposer, experiment_name
-from lingua_sweep.sweep.controller import Controller, decode_value
-from lingua_sweep.sweep.journal import QUEUED, Journal
+from lingua_sweep.sweep.controller import Controller
+from lingua_sweep.sweep.journal import QUEUED, Journal, decode_value
 from lingua_sweep.sweep.monitor import Monitor
 from lingua_sweep.sweep.params import LauncherParams
 
