@@ -227,7 +227,7 @@ def test_bad_overrides_exit_nonzero_with_a_one_line_cause(data_root, tmp_path):
     ],
 )
 def test_preflight_rejects_what_the_config_alone_decides(overrides, message):
-    from lingua_sweep.train import preflight
+    from lingua_sweep.preflight import preflight
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -92,7 +92,7 @@ class JobComposer:
             config.hydra.job.num = job_num
         if is_trainer_config(config):
             from lingua_sweep.config import check_known_keys
-            from lingua_sweep.train import preflight
+            from lingua_sweep.preflight import preflight
 
             try:
                 check_known_keys(config)
