@@ -33,7 +33,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def sweep_cmd(
-    testbed, sweep_dir: Path, *args: str, script: Path = REPO / "train.py", wandb: bool = False
+    testbed, sweep_dir: Path, *args: str, script: Path = REPO / "train.py", wandb: bool = False,
+    conf_dir: Path | None = None,
 ) -> list[str]:
     return [
         sys.executable,
@@ -42,7 +43,7 @@ def sweep_cmd(
         *TINY,
         "logging.wandb.mode=offline" if wandb else "logging.wandb=null",
         "hydra/launcher=multicluster",
-        f"hydra.searchpath=[file://{testbed.conf_dir}]",
+        f"hydra.searchpath=[file://{conf_dir or testbed.conf_dir}]",
         "hydra.launcher.poll_interval_s=1",
         "hydra.launcher.probe_every_s=2",
         f"hydra.sweep.dir={sweep_dir}",

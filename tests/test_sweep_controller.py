@@ -122,7 +122,7 @@ def test_sweep_completes_through_a_failing_sacct_and_a_stopped_sshd(tmp_path, te
     sweep_dir = tmp_path / "sweep"
     cmd = sweep_cmd(
         testbed, sweep_dir, "optim.lr=1e-3,3e-3,1e-2", "steps=30",
-        "hydra.launcher.clusters=[beta]", f"hydra.searchpath=[file://{conf}]",
+        "hydra.launcher.clusters=[beta]", conf_dir=conf,
     )  # fmt: skip
     out = open(tmp_path / "launcher.log", "w")  # noqa: SIM115 (the launcher writes to it)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(LINGUA_SWEEP_SSH_DIR=str(ssh_dir)),

@@ -4,15 +4,30 @@ Parametrized the way hydra-submitit-launcher runs them: on the `local` cluster (
 the testbed's local Slurm cluster `alpha`.
 """
 
+import copy
 import os
 from pathlib import Path
 
 import pytest
+from hydra.core.singleton import Singleton
 from hydra.test_utils.launcher_common_tests import (
     BatchedSweeperTestSuite,
     IntegrationTestSuite,
     LauncherTestSuite,
 )
+from hydra.version import VersionBase
+
+
+@pytest.fixture(autouse=True)
+def fresh_hydra_version_base():
+    """Hydra's suites assume a fresh process: earlier tests in this session may have set
+    Hydra's global version base (initialize_config_dir(version_base="1.3")), which changes
+    defaults such as `hydra.job.chdir`."""
+    saved = copy.deepcopy(Singleton.get_state())
+    Singleton._instances.pop(VersionBase, None)
+    yield
+    Singleton.set_state(saved)
+
 
 TESTBED_CONF = Path(os.environ.get("LINGUA_TESTBED_DIR", "/tmp/lingua_sweep_testbed")) / "conf"
 FAST = ["hydra.launcher.poll_interval_s=0.2", "hydra.launcher.live=false"]

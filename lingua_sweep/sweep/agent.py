@@ -30,6 +30,12 @@ from typing import Any
 import cloudpickle
 
 STATUS_FILE = "status.json"
+# What squeue is asked about: jobs that are still to run or running. A final state comes from
+# sacct (the accounting record, with the exit code) whatever squeue still remembers.
+ACTIVE_SLURM_STATES = (
+    "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,"
+    "RESIZING,SIGNALING,STAGE_OUT,STOPPED,RESV_DEL_HOLD"
+)
 # Slurm states after which a job will not run again. PREEMPTED, REQUEUED, SUSPENDED etc. are
 # not among them: submitit requeues a preempted job, and it comes back as the same id.
 FINAL_SLURM_STATES = {
@@ -195,7 +201,7 @@ def _slurm(argv: list[str]) -> str:
 
 
 def slurm_states(ids: list[str]) -> dict[str, dict[str, str]]:
-    """{id: {state, reason}} from one `squeue` and, for ids it no longer shows, one `sacct`.
+    """{id: {state, reason}} from one `squeue` of active jobs and, for the others, one `sacct`.
 
     A job sacct does not know yet (slurmdbd lags sbatch by a second or two) is UNKNOWN, which
     is not final: it is asked again at the next poll.
@@ -204,7 +210,8 @@ def slurm_states(ids: list[str]) -> dict[str, dict[str, str]]:
         return {}
     wanted = set(ids)
     found: dict[str, dict[str, str]] = {}
-    out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"])
+    out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", ACTIVE_SLURM_STATES,
+                  "-o", "%i|%T|%r"])  # fmt: skip
     for line in out.splitlines():
         job_id, _, rest = line.strip().partition("|")
         state, _, reason = rest.partition("|")

@@ -27,7 +27,7 @@ class JobComposer:
         self.loader = config_loader
         self.groups = self._all_groups("")
         # The trainer's config has a `cluster` group: each job is composed for its cluster.
-        self.has_cluster = "cluster" in self.groups
+        self.has_cluster = "cluster" in self.groups and "cluster" in launcher_config
         self.cache: dict[tuple, DictConfig] = {}
 
     def _all_groups(self, parent: str) -> set[str]:
@@ -126,9 +126,14 @@ def config_hash(config: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def remote_sweep_dir(cluster: ClusterConfig, name: str, local_sweep_dir: Path) -> str:
-    """Where a sweep's jobs write on a cluster whose filesystem is not this machine's."""
-    return f"{cluster.output_root.rstrip('/')}/{name}/multirun/{local_sweep_dir.name}"
+def remote_sweep_dir(
+    cluster: ClusterConfig, name: str, local_sweep_dir: Path, sweep_id: str
+) -> str:
+    """Where a sweep's jobs write on a cluster whose filesystem is not this machine's: the
+    sweep's id keeps two sweeps with the same local dir name (`multirun/sweep`) apart, so no
+    job ever resumes another sweep's checkpoints."""
+    root = cluster.output_root.rstrip("/")
+    return f"{root}/{name}/multirun/{local_sweep_dir.name}.{sweep_id}"
 
 
 def _first_line(e: BaseException) -> str:

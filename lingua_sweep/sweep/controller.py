@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.singleton import Singleton
+
 from lingua_sweep import clusters as cluster_lib
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
@@ -316,9 +318,10 @@ class Controller:
         if not local and not recorded:
             self._record("code", cluster=c.name, **link.backend.code)
         name = self.state.header.get("name") or "sweep"
-        base = str(self.sweep_dir) if local else remote_sweep_dir(c, name, self.sweep_dir)
-        from hydra.core.singleton import Singleton
-
+        if local:
+            base = str(self.sweep_dir)
+        else:
+            base = remote_sweep_dir(c, name, self.sweep_dir, self.sweep_id)
         singletons = Singleton.get_state()
         tasks, remote_dirs = [], {}
         for job in share:
