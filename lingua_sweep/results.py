@@ -280,6 +280,9 @@ def _job_result(
     records = read_records(job_dir / "metrics.jsonl")
     metrics = read_metrics(job_dir / "metrics.jsonl")
     result = (job.result if job else None) or {}
+    if result.get("status") == "PRUNED" and _number(result.get("step")):
+        # What it logged between the pruner's verdict and the cancel is not part of the trial.
+        metrics = {s: m for s, m in metrics.items() if s <= result["step"]}
 
     def last(key: str) -> float | None:
         values = [r[key] for r in metrics.values() if _number(r.get(key))]

@@ -4,6 +4,7 @@ multicluster launcher write them (no training, no Slurm)."""
 import csv
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def write_job(
     lr: float = 1e-3,
     scheduler: str = "cosine",
     wandb: bool = False,
+    wandb_ran: bool | None = None,
     records: list[dict] | None = None,
     status: dict | None = None,
     config: bool = True,
@@ -99,6 +101,8 @@ def write_job(
     (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra_cfg))
     if config:
         (job / "config.yaml").write_text(yaml.safe_dump(train_cfg))
+    if wandb if wandb_ran is None else wandb_ran:  # what wandb.init leaves in the run dir
+        (job / "wandb" / f"offline-run-20250101_120000-{num:016d}").mkdir(parents=True)
     if records is not None:
         text = "".join(json.dumps(r) + "\n" for r in records)
         if truncated_tail:
@@ -359,6 +363,252 @@ def test_optuna_in_progress_is_recognised_from_hydra_yaml(optuna_sweep):
     assert (row.trial, row.objective, list(row.params)) == (0, 3.6, ["optim.lr"])
 
 
+# --- journal: async Optuna trials, pruned ones ---------------------------------------------
+
+
+def journal_for(
+    index: int,
+    trial: int | None,
+    overrides: list[str],
+    *,
+    spans,
+    status=None,
+    value=None,
+    error=None,
+    step=None,
+    cluster="alpha",
+) -> list[dict]:
+    """The records the controller writes for one job: registered, submitted, one RUNNING span
+    per allocation (PENDING between them, as for a requeue), and its result."""
+    start = spans[0][0] - 1
+    out = [
+        {"kind": "job", "t": start - 1, "index": index, "overrides": overrides,
+         "config_hash": f"h{index}", "trial": trial},
+        {"kind": "submitted", "t": start, "batch": f"b{index}", "cluster": cluster,
+         "folder": "/f/%j", "tasks": 1, "job_ids": {str(index): f"9{index}"}},
+    ]  # fmt: skip
+    for begin, end in spans:
+        out.append({"kind": "state", "t": begin, "index": index, "state": "RUNNING"})
+        if (begin, end) != spans[-1]:
+            out.append({"kind": "state", "t": end, "index": index, "state": "PENDING"})
+    if status:
+        out.append({"kind": "result", "t": spans[-1][1], "index": index, "status": status,
+                    "value": value, "error": error, "step": step})  # fmt: skip
+    return out
+
+
+def write_journal(sweep: Path, records: list[dict], **header) -> None:
+    head = {"kind": "sweep", "t": T0 - 100, "id": "abcd1234", "name": "lr_sweep", **header}
+    text = "".join(json.dumps(r) + "\n" for r in [head, *records])
+    (sweep / "journal.jsonl").write_text(text)
+
+
+@pytest.fixture
+def async_sweep(tmp_path: Path) -> Path:
+    """`hydra/sweeper=async_optuna` with a pruner, mid-study: trial 0 completed, 1 pruned at
+    step 20 (its job logged up to step 30 before the cancel landed), 2 failed, 3 completed
+    (the best), 4 still pending (no dir yet)."""
+    sweep = tmp_path / "async"
+    params = {"optim.lr": "tag(log, interval(1e-4, 1e-2))"}
+    records = []
+    plan = [(0.0002, 3.6, "COMPLETED"), (0.0093, 2.0, "PRUNED"), (0.01, 3.0, "FAILED"),
+            (0.0041, 3.05, "COMPLETED")]  # fmt: skip
+    for num, (lr, final, state) in enumerate(plan):
+        overrides = [f"optim.lr={lr}", "experiment=debug"]
+        last = {"PRUNED": 30, "FAILED": 40}.get(state, STEPS)
+        write_job(sweep, num, overrides, lr=lr, records=metrics_records(last, final),
+                  sweeper="hydra_plugins.lingua_sweep_launcher.async_optuna_sweeper."
+                  "AsyncOptunaSweeper", sweeper_params=params,
+                  status=status_json("RUNNING", f"9{num}", "alpha"))  # fmt: skip
+        records += journal_for(
+            num, num, overrides, spans=[(T0, T0 + 2 * last + 5)], status=state,
+            value=final if state == "COMPLETED" else None,
+            error={"PRUNED": "pruned at step 20", "FAILED": "RuntimeError: loss is nan"}.get(state),
+            step=20 if state == "PRUNED" else None,
+        )  # fmt: skip
+    records.append({"kind": "job", "t": T0, "index": 4, "config_hash": "h4", "trial": 4,
+                    "overrides": ["optim.lr=0.001", "experiment=debug"]})  # fmt: skip
+    write_journal(sweep, records, study={"name": "lr", "directions": ["minimize"]})
+    return sweep
+
+
+def test_pruned_trials_their_step_and_the_study_best(async_sweep):
+    rows = {r.job: r for r in results.collect(async_sweep)}
+    assert {j: r.status for j, r in rows.items()} == {
+        0: "COMPLETED", 1: "PRUNED", 2: "FAILED", 3: "COMPLETED", 4: "PENDING",
+    }  # fmt: skip
+    assert [rows[j].trial for j in range(5)] == [0, 1, 2, 3, 4]
+    assert rows[1].step == 20 and rows[1].error is None  # the step it was pruned at
+    assert rows[1].final_val == pytest.approx(loss_at(20, 2.0))  # not step 30's, after it
+    assert rows[2].error == "RuntimeError: loss is nan"
+    assert [j for j, r in rows.items() if r.best] == [3]  # the pruned 2.0 is no result
+    assert rows[3].objective == 3.05 and rows[4].params == {"optim.lr": "0.001"}
+    summary = results.optuna_summary(async_sweep)
+    assert summary.startswith("optuna best value 3.05 at optim.lr=0.0041 (trial 3); 5 trials")
+    assert "1 pruned" in summary and "1 failed" in summary
+    text = results.table_text(list(rows.values()), width=120)
+    assert re.search(r"\b1\s+1\s+.*PRUNED\s+20/100", text), text
+
+
+def test_plot_marks_pruned_curves(async_sweep):
+    from matplotlib.figure import Figure
+
+    rows = results.collect(async_sweep)
+    ax = Figure().subplots()
+    results._plot_curves(ax, rows, async_sweep)
+    crosses = [line for line in ax.lines if line.get_marker() == "x"]
+    assert len(crosses) == 2  # loss/out and loss/val of the one pruned trial
+    assert all(line.get_xdata()[-1] <= 20 for line in crosses)  # cut where it was stopped
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum("pruned at 20" in label for label in labels) == 1
+
+
+# --- the table's rules (#14) ------------------------------------------------------------------
+
+
+def test_terminal_table_fits_80_columns_without_cutting_status_or_losses(grid_sweep, async_sweep):
+    from rich.console import Console
+
+    for sweep in (grid_sweep, async_sweep):
+        rows = results.collect(sweep)
+        buffer = io.StringIO()
+        results.print_table(rows, console=Console(file=buffer, width=80, color_system=None))
+        text = buffer.getvalue()
+        assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+        assert "…" not in text, text  # nothing cut short
+        for r in rows:  # each row's first line: its status and losses, whole
+            line = next(line for line in text.splitlines()
+                        if re.match(rf"\s*★?\s*{r.job}\s", line))  # fmt: skip
+            assert re.search(rf"\b{r.status}\b", line), line
+            assert _loss(r.final_val) in line, line  # (best val may be dropped: low value)
+        wide = results.table_text(rows, width=250)
+        assert "tok/s" in wide and "tok/s" not in text  # a low-value column made room
+        for r in rows:  # the error wraps, but all of it is there
+            assert (r.error or "").replace(" ", "") in re.sub(r"\s+", "", text)
+
+
+def _loss(value):
+    return "" if value is None else f"{value:.4f}"
+
+
+def test_swept_floats_print_with_3_significant_digits(tmp_path):
+    sweep = tmp_path / "sweep"
+    for num, lr in enumerate(["0.00010979877869591871", "0.0031622776601683794"]):
+        write_job(sweep, num, [f"optim.lr={lr}", "steps=100", f"model.dim={64 * (num + 1)}"],
+                  records=metrics_records(STEPS, 3.0 + num))  # fmt: skip
+    rows = results.collect(sweep)
+    for text in (results.table_text(rows), results.to_markdown(rows)):
+        assert "0.00011" in text and "0.00316" in text and "0.000109" not in text
+        assert " 128 " in text  # an int stays as it is
+    assert "0.00010979877869591871" in results.to_csv(rows)  # csv keeps the raw value
+    fmt = results.fmt_param
+    assert [fmt("3e-3"), fmt("1e6"), fmt("12"), fmt("cosine"), fmt("[1,2]"), fmt("nan")] == [
+        "0.003", "1e+06", "12", "cosine", "[1,2]", "nan",
+    ]  # fmt: skip
+
+
+def test_a_lone_failed_job_is_never_best(tmp_path):
+    sweep = tmp_path / "sweep"
+    records = metrics_records(30, 3.0)  # finite val losses, then it diverged
+    status = status_json("FAILED", "1_0", "alpha", error="RuntimeError: loss is nan")
+    write_job(sweep, 0, overrides_for(0.01, "cosine", "alpha"), records=records, status=status)
+    [row] = results.collect(sweep)
+    assert row.status == "FAILED" and row.final_val is not None and not row.best
+    # Beside a running job, the running one leads.
+    write_job(sweep, 1, overrides_for(0.001, "cosine", "alpha"), records=metrics_records(20, 4),
+              status=status_json("RUNNING", "1_1", "alpha"))  # fmt: skip
+    assert [(r.job, r.best) for r in results.collect(sweep)] == [(0, False), (1, True)]
+
+
+SUBMITIT_TRACE = """FailedJobError: Job (task=0) failed during processing with trace:
+----------------------
+Traceback (most recent call last):
+  File "/x/submitit/core/submission.py", line 55, in process_job
+    result = delayed.result()
+  File "/x/lingua_sweep/train.py", line 480, in step
+    raise NonFiniteLoss(step, loss)
+lingua_sweep.train.NonFiniteLoss: loss is nan at step 3 (grad_norm=inf)
+
+----------------------
+You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:
+  - /x/.submitit/12_0/12_0_0_log.err
+"""
+
+
+def test_error_is_the_real_last_line_not_submitits_wrapper(tmp_path):
+    sweep = tmp_path / "sweep"
+    wrapper = SUBMITIT_TRACE.splitlines()[0]
+    status = status_json("FAILED", "12_0", "alpha", error=wrapper, traceback=SUBMITIT_TRACE)
+    write_job(sweep, 0, overrides_for(0.01, "cosine", "alpha"), records=metrics_records(3, 3),
+              status=status)  # fmt: skip
+    [row] = results.collect(sweep)
+    expected = "lingua_sweep.train.NonFiniteLoss: loss is nan at step 3 (grad_norm=inf)"
+    assert row.error == expected
+    assert results.error_line(SUBMITIT_TRACE) == expected  # the whole text as the error
+    assert results.error_line("ValueError: bad\nhint: do this") == "ValueError: bad"
+
+
+def test_wall_counts_every_allocation_of_a_requeued_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    # Preempted at step 50 after 100 s, requeued, resumed from step 40 for another 130 s.
+    first = [r for r in metrics_records(50, 3.0) if r["step"] <= 50]
+    second = [r for r in metrics_records(STEPS, 3.0, t0=T0 + 120) if r["step"] >= 40]
+    status = status_json("COMPLETED", "5_0", "alpha", started=T0 + 195, finished=T0 + 325)
+    write_job(sweep, 0, overrides_for(0.001, "cosine", "alpha"), records=first + second,
+              status=status)  # fmt: skip
+    [row] = results.collect(sweep)
+    assert row.wall_s == pytest.approx(100 + 130)  # not just the last allocation's 130 s
+    # With the journal: its RUNNING spans, both of them.
+    spans = [(T0, T0 + 100), (T0 + 190, T0 + 330)]
+    write_journal(sweep, journal_for(0, None, ["optim.lr=0.001"], spans=spans,
+                                     status="COMPLETED", value=3.0))  # fmt: skip
+    [row] = results.collect(sweep)
+    assert row.wall_s == pytest.approx(100 + 140)
+
+
+def test_wandb_column_empty_when_wandb_never_ran(tmp_path):
+    sweep = tmp_path / "sweep"
+    # WandB configured, but the job failed before wandb.init.
+    status = status_json("FAILED", "3_0", "alpha", error="ValueError: no data")
+    write_job(sweep, 0, overrides_for(0.001, "cosine", "alpha"), wandb=True, wandb_ran=False,
+              status=status)  # fmt: skip
+    write_job(
+        sweep,
+        1,
+        overrides_for(0.003, "cosine", "alpha"),
+        wandb=True,
+        records=metrics_records(STEPS, 3.0),
+        status=status_json("COMPLETED", "3_1", "alpha"),
+    )
+    rows = {r.job: r for r in results.collect(sweep)}
+    assert (rows[0].wandb_run, rows[1].wandb_run) == ("", "lr_sweep_alpha_3_1")
+    shutil.rmtree(sweep / "1" / "wandb")
+    assert "wandb run" not in results.to_markdown(results.collect(sweep)).splitlines()[0]
+
+
+def test_torn_and_invalid_metrics_lines_are_skipped(tmp_path):
+    from lingua_sweep.sweep.async_optuna import val_losses
+
+    good = [
+        {"step": 10, "time": T0, "loss/val": 5.0},
+        {"step": 20, "time": T0 + 1, "loss/val": 4.0},
+    ]
+    lines = [json.dumps(good[0]).encode(), b'{"step": 15, "time": 17', b"\x00" * 40,
+             b'{"step": 16, "loss/val": 3.0\xff\xfe}', b"[1, 2]", b'"text"',
+             b'{"step": "17", "loss/val": 1.0}', b'{"step": true, "loss/val": 1.0}',
+             b'{"step": -1, "loss/val": 1.0}', b'{"step": 18, "loss/val": 1.0}{"step": 19}',
+             json.dumps(good[1]).encode(), b'{"step": 30, "loss/val": NaN}',
+             b'{"step": 31, "loss/v']  # fmt: skip
+    sweep = tmp_path / "sweep"
+    job = write_job(sweep, 0, overrides_for(0.001, "cosine", "alpha"), records=[])
+    (job / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    assert list(results.read_metrics(job / "metrics.jsonl")) == [10, 20, 30]
+    [row] = results.collect(sweep)
+    assert (row.step, row.best_val) == (30, 4.0)
+    text = (job / "metrics.jsonl").read_bytes().decode(errors="replace")
+    assert val_losses(text) == {10: 5.0, 20: 4.0}  # what the pruner is told: finite values only
+
+
 # --- renderers -------------------------------------------------------------------------------
 
 
@@ -408,11 +658,11 @@ def test_csv_parses(grid_sweep):
 
 def test_table_text(grid_sweep):
     text = results.table_text(results.collect(grid_sweep), width=250)
+    assert re.search(r"FAILED .* RuntimeError: loss is NaN", text)  # status, then error column
     for expected in [
         "optim.lr",
         "COMPLETED",
         "RUNNING",
-        "FAILED: RuntimeError: loss is NaN",
         "★",
         "lr_sweep_beta_12_0",
         "3m28s",
@@ -449,7 +699,7 @@ def test_cli_table(grid_sweep):
     [best] = [i for i, line in enumerate(lines) if "★" in line]
     [running] = [i for i, line in enumerate(lines) if "RUNNING" in line]
     assert "lr_sweep_beta_12_0" in lines[best] and best < running
-    assert "FAILED: RuntimeError: loss is NaN" in proc.stdout
+    assert re.search(r"FAILED .* RuntimeError: loss is NaN", proc.stdout)
 
 
 def test_cli_markdown_to_file_with_plot(grid_sweep, tmp_path):

@@ -338,7 +338,9 @@ def cancel(job_ids: list[str], *, slurm: bool) -> None:
         return
     for pid in job_ids:
         if _alive(int(pid)):
-            os.kill(int(pid), signal.SIGINT)  # submitit's local controller stops its tasks
+            # submitit's local controller forwards SIGTERM to its tasks (SIGINT is ignored by
+            # processes started in the background by a non-interactive shell).
+            os.kill(int(pid), signal.SIGTERM)
 
 
 def missing_paths(patterns: list[str]) -> list[str]:

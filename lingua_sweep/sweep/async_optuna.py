@@ -28,15 +28,16 @@ from optuna.trial import Trial, TrialState
 
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import agent, remote
 from lingua_sweep.sweep.compose import experiment_name
-from lingua_sweep.sweep.controller import decode_value
+from lingua_sweep.sweep.journal import decode_value
 from lingua_sweep.sweep.launch import SweepConfigError, SweepFailed, build_controller
 from lingua_sweep.sweep.monitor import Monitor
 from lingua_sweep.sweep.params import LauncherParams
 
 log = logging.getLogger(__name__)
 REPORTED_KEY = "loss/val"
+# Marks the trials this sweep asked for: a study in a shared storage has other sweeps' trials.
+SWEEP_ATTR = "sweep_dir"
 
 
 @dataclass
@@ -90,6 +91,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
             raise UserError("hydra.sweeper.pruner: Optuna cannot prune multi-objective studies")
         monitor = Monitor(live=p.live)
         controller = build_controller(self.launcher, p, monitor=monitor)
+        controller.want_metrics = True  # running jobs' metrics.jsonl: the pruner's reports
         self.controller = controller
         name = self.study_name or experiment_name(self.config)
         controller.open(header={"name": experiment_name(self.config),
@@ -167,12 +169,12 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         for t in trials:
             if t.state != TrialState.RUNNING:
                 continue
-            trial = Trial(self.study, t._trial_id)
             job = by_trial.get(t.number)
-            if job is None:  # asked, but the launcher died before the journal had its job
-                self._start(trial)
-            else:
+            if job is not None:
+                trial = Trial(self.study, t._trial_id)
                 self.flights[t.number] = Flight(job.index, trial, set(t.intermediate_values))
+            elif t.user_attrs.get(SWEEP_ATTR) == str(c.sweep_dir):
+                self._start(Trial(self.study, t._trial_id))  # asked; killed before its record
         self._settle()
 
     def _loop(self, poll_interval_s: float) -> None:
@@ -199,7 +201,9 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
     def _fill(self) -> None:
         while self._wants_more():
             self.n_asked += 1
-            self._start(self.study.ask())
+            trial = self.study.ask()
+            trial.set_user_attr(SWEEP_ATTR, str(self.controller.sweep_dir))
+            self._start(trial)
 
     def _start(self, trial: Trial) -> None:
         """The trial's overrides (hydra-optuna-sweeper's own code), recorded as the next job."""
@@ -234,27 +238,10 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
                 self._prune(number, flight, max(new))
 
     def _prune(self, number: int, flight: Flight, step: int) -> None:
-        """Cancels the job and records it PRUNED with its step; `_settle` tells the study.
-
-        Controller.cancel_job records no step and fetches nothing, so its two steps are done
-        here: a cluster job that ends by scancel leaves its outputs on the cluster otherwise.
-        """
-        c = self.controller
-        job = c.state.jobs[flight.index]
-        link = c.links[job.cluster]
+        """Cancels the job and records it PRUNED with its step; `_settle` tells the study."""
         note = f"pruned at step {step}"
-        try:
-            link.backend.cancel([job.job_id])
-        except remote.RemoteError as e:
-            log.warning("#%d: could not cancel on %s: %s", job.index, job.cluster, e.reason)
-        c._record("result", index=job.index, status="PRUNED", error=note, step=step)
-        if job.remote_dir:
-            try:
-                link.backend.fetch(job.remote_dir, c.sweep_dir / str(job.index))
-            except remote.RemoteError as e:
-                log.warning("#%d: could not fetch outputs: %s", job.index, e.reason)
-        agent.write_status(c.sweep_dir / str(job.index), status="PRUNED", error=note, step=step)
-        log.info("trial %d (job #%d) %s", number, job.index, note)
+        self.controller.cancel_job(flight.index, "PRUNED", note, step=step)
+        log.info("trial %d (job #%d) %s", number, flight.index, note)
 
     # --- telling --------------------------------------------------------------------------
 

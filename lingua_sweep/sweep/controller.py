@@ -547,16 +547,26 @@ class Controller:
             self._record("result", index=job.index, status="CANCELLED", error=reason)
         return problems
 
-    def cancel_job(self, index: int, status: str, note: str) -> None:
-        """Stops one job (a pruned trial) and records why; it ends as `status`."""
+    def cancel_job(self, index: int, status: str, note: str, *, step: int | None = None) -> None:
+        """Stops one job (a pruned trial) and records why and at which step; it ends as
+        `status`, with its outputs brought home like a finished job's."""
         job = self.state.jobs[index]
-        if job.job_id and not job.final:
-            link = self.links[job.cluster]
+        if job.final:
+            return
+        link = self.links.get(job.cluster) if job.cluster else None
+        if job.job_id and link is not None:
             try:
                 link.backend.cancel([job.job_id])
             except remote.RemoteError as e:
                 log.warning("#%d: could not cancel on %s: %s", index, job.cluster, e.reason)
-        self._record("result", index=index, status=status, error=note)
+        self._record("result", index=index, status=status, error=note, step=step)
+        local_dir = self.sweep_dir / str(index)
+        if job.remote_dir and link is not None:
+            try:
+                link.backend.fetch(job.remote_dir, local_dir)
+            except remote.RemoteError as e:
+                log.warning("#%d: could not fetch outputs: %s", index, e.reason)
+        agent.write_status(local_dir, status=status, error=note, step=step)
 
 
 def candidate_clusters(p: LauncherParams, registry: dict[str, ClusterConfig]) -> list[str]:
