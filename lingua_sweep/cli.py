@@ -99,19 +99,19 @@ def add_clusters_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_results(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lingua_sweep import results
+    from lingua_sweep import results, results_plot, results_table
 
     rows = results.collect(args.sweep_dir)
-    title = results.optuna_summary(args.sweep_dir)
+    title = results_table.optuna_summary(args.sweep_dir)
     if args.format == "md":
-        text = results.to_markdown(rows)
+        text = results_table.to_markdown(rows)
     elif args.format == "csv":
-        text = results.to_csv(rows)
+        text = results_table.to_csv(rows)
     elif args.output:
-        text = results.table_text(rows, title=title)
+        text = results_table.table_text(rows, title=title)
     else:
         text = None
-        results.print_table(rows, title=title)
+        results_table.print_table(rows, title=title)
     if text is not None and args.output:
         try:
             Path(args.output).write_text(text, encoding="utf-8")
@@ -121,7 +121,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     elif text is not None:
         sys.stdout.write(text)
     if args.plot:
-        results.plot(rows, args.sweep_dir, args.plot)
+        results_plot.plot(rows, args.sweep_dir, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)  # stderr: stdout stays the table
     return 0
 

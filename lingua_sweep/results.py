@@ -11,15 +11,13 @@ has `<sweep dir>/journal.jsonl`: where it exists, it is the truth on each job's 
 (PRUNED, CANCELLED), its trial number, the step it stopped at and its time on a node.
 
     rows = collect("outputs/lr_sweep/multirun/2025-01-01_12-00-00")
-    print_table(rows); to_markdown(rows); to_csv(rows); plot(rows, sweep_dir, "sweep.png")
+    results_table.print_table(rows); results_plot.plot(rows, sweep_dir, "sweep.png")
 """
 
-import csv
-import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,9 +78,9 @@ def collect(sweep_dir: str | Path) -> list[JobResult]:
     journal = read_journal(sweep)
     jobs = journal.jobs if journal else {}
     job_dirs = find_job_dirs(sweep, also=jobs)
-    hydra_cfg = _sweep_hydra_config(sweep, job_dirs)
+    hydra_cfg = sweep_hydra_config(sweep, job_dirs)
     overrides = {
-        num: read_overrides(d) or _overrides_dict(jobs[num].overrides if num in jobs else [])
+        num: read_overrides(d) or overrides_dict(jobs[num].overrides if num in jobs else [])
         for num, d in job_dirs.items()
     }
     # A job the journal has but that has no dir yet knows only its own overrides, not the
@@ -98,15 +96,15 @@ def collect(sweep_dir: str | Path) -> list[JobResult]:
         _job_result(num, d, overrides[num], swept, optuna=optuna, job=jobs.get(num))
         for num, d in job_dirs.items()
     ]
-    maximize = _maximize(journal, hydra_cfg)
+    maximize = wants_max(journal, hydra_cfg)
     for r in rows:
         r.maximize = maximize
-    rows.sort(key=lambda r: (not _finite(r.final_val), r.final_val or 0.0, r.job))
+    rows.sort(key=lambda r: (not finite(r.final_val), r.final_val or 0.0, r.job))
     for statuses in BEST_CANDIDATES:
-        candidates = [r for r in rows if r.status in statuses and _finite(r.final_val)]
+        candidates = [r for r in rows if r.status in statuses and finite(r.final_val)]
         if not candidates:
             continue
-        by_objective = [r for r in candidates if _finite(r.objective)]
+        by_objective = [r for r in candidates if finite(r.objective)]
         if by_objective:
             pick = max if maximize else min
             best = pick(by_objective, key=lambda r: r.objective)
@@ -123,7 +121,7 @@ def read_journal(sweep: Path) -> SweepState | None:
     return journal.replay() if journal.exists() else None
 
 
-def _maximize(journal: SweepState | None, hydra_cfg: dict) -> bool:
+def wants_max(journal: SweepState | None, hydra_cfg: dict) -> bool:
     directions = ((journal.header.get("study") or {}).get("directions") if journal else None) or [
         _get(hydra_cfg, "sweeper.direction")
     ]
@@ -164,10 +162,10 @@ def _looks_like_job(d: Path) -> bool:
 def read_overrides(job_dir: Path) -> dict[str, str]:
     """The job's overrides as {key: value}, in order; `+`/`++`/`~` prefixes dropped."""
     data = _read_yaml(job_dir / ".hydra" / "overrides.yaml")
-    return _overrides_dict(data if isinstance(data, list) else [])
+    return overrides_dict(data if isinstance(data, list) else [])
 
 
-def _overrides_dict(items: list) -> dict[str, str]:
+def overrides_dict(items: list) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
         key, _, value = str(item).partition("=")
@@ -220,7 +218,7 @@ def _sweep_key(override: str) -> str | None:
     return parsed.key_or_group if parsed.is_sweep_override() else None
 
 
-def _sweep_hydra_config(sweep: Path, job_dirs: dict[int, Path]) -> dict:
+def sweep_hydra_config(sweep: Path, job_dirs: dict[int, Path]) -> dict:
     """The `hydra` node of the sweep: multirun.yaml, else the first job's .hydra/hydra.yaml."""
     data = _read_yaml(sweep / "multirun.yaml")
     if not isinstance(data, dict):
@@ -280,18 +278,18 @@ def _job_result(
     records = read_records(job_dir / "metrics.jsonl")
     metrics = read_metrics(job_dir / "metrics.jsonl")
     result = (job.result if job else None) or {}
-    if result.get("status") == "PRUNED" and _number(result.get("step")):
+    if result.get("status") == "PRUNED" and is_number(result.get("step")):
         # What it logged between the pruner's verdict and the cancel is not part of the trial.
         metrics = {s: m for s, m in metrics.items() if s <= result["step"]}
 
     def last(key: str) -> float | None:
-        values = [r[key] for r in metrics.values() if _number(r.get(key))]
+        values = [r[key] for r in metrics.values() if is_number(r.get(key))]
         return float(values[-1]) if values else None
 
-    vals = [float(r["loss/val"]) for r in metrics.values() if _number(r.get("loss/val"))]
+    vals = [float(r["loss/val"]) for r in metrics.values() if is_number(r.get("loss/val"))]
     finite_vals = [v for v in vals if math.isfinite(v)]
     step = max(metrics) if metrics else None
-    if _number(result.get("step")):  # a pruned trial: where it was stopped
+    if is_number(result.get("step")):  # a pruned trial: where it was stopped
         step = int(result["step"])
     steps = _int(_get(cfg, "steps"))
 
@@ -322,7 +320,7 @@ def _job_result(
     if optuna:
         # The task function returns the final val loss; without status.json that is the best
         # stand-in for what Optuna was told.
-        objective = _float(result.get("value")) if _number(result.get("value")) else None
+        objective = _float(result.get("value")) if is_number(result.get("value")) else None
         objective = objective if objective is not None else _float(status.get("return_value"))
         if objective is None and state == "COMPLETED":
             objective = vals[-1] if vals else None
@@ -387,7 +385,7 @@ def _wall(job: JobEntry | None, status: dict, records: list[dict]) -> float | No
     allocations: list[list[float]] = []
     previous = None
     for r in records:
-        if not _number(r.get("time")):
+        if not is_number(r.get("time")):
             continue
         if previous is None or r["step"] < previous:
             allocations.append([])
@@ -435,309 +433,6 @@ def _hydra_job_id(job_dir: Path) -> str | None:
     return str(job_id)
 
 
-# --- rendering -------------------------------------------------------------------------------
-
-
-def status_text(row: JobResult) -> str:
-    return f"{row.status}: {row.error}" if row.error else row.status
-
-
-Column = tuple[str, Callable[[JobResult], str]]
-# Dropped in this order (first = least useful) when the terminal is too narrow for the table:
-# never the status, the error, the steps or the losses a sweep is read for.
-DROP_FIRST = ("wandb run", "tok/s", "best val", "objective", "wall", "cluster")
-NUMERIC = ("job", "trial", "objective", "final val", "best val", "tok/s", "wall")
-WRAPPING = ("error",)  # the only columns that may wrap; swept params are short once formatted
-WRAP_MIN = 16
-
-
-def _display_columns(rows: list[JobResult], *, split_error: bool = False) -> list[Column]:
-    """(header, cell text) pairs shared by the terminal table (with the error in a column of
-    its own, which may wrap) and markdown (status and error in one cell)."""
-    columns: list[Column] = [
-        ("best", lambda r: "★" if r.best else ""),
-        ("job", lambda r: str(r.job)),
-    ]
-    if any(r.trial is not None for r in rows):
-        columns += [
-            ("trial", lambda r: "" if r.trial is None else str(r.trial)),
-            ("objective", lambda r: _fmt_loss(r.objective)),
-        ]
-    for key in rows[0].params if rows else []:
-        columns.append((key, lambda r, key=key: fmt_param(r.params.get(key, ""))))
-    columns += [
-        ("cluster", lambda r: r.cluster),
-        ("status", (lambda r: r.status) if split_error else status_text),
-        ("steps", lambda r: f"{'-' if r.step is None else r.step}/{r.steps or '?'}"),
-        ("final val", lambda r: _fmt_loss(r.final_val)),
-        ("best val", lambda r: _fmt_loss(r.best_val)),
-        ("tok/s", lambda r: "" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"),
-        ("wall", lambda r: _fmt_duration(r.wall_s)),
-    ]
-    if split_error and any(r.error for r in rows):
-        columns.append(("error", lambda r: r.error or ""))
-    if any(r.wandb_run for r in rows):  # an always-empty column only costs width
-        columns.append(("wandb run", lambda r: r.wandb_run))
-    return columns
-
-
-def fmt_param(value: str) -> str:
-    """A swept value as people read it: floats to 3 significant digits (Optuna's samples have
-    17), everything else (ints, names, lists) as given."""
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    if value.strip().lstrip("+-").isdigit() or not math.isfinite(number):
-        return value
-    return f"{number:.3g}"
-
-
-STATUS_STYLES = {
-    "COMPLETED": "green",
-    "FAILED": "red",
-    "PRUNED": "magenta",
-    "CANCELLED": "yellow",
-    "RUNNING": "cyan",
-    "PREEMPTED": "magenta",
-    "PENDING": "dim",
-    "UNKNOWN": "dim",
-}
-
-
-def print_table(rows: list[JobResult], *, console=None, title: str | None = None) -> None:
-    """The rich table on the terminal (or on `console`, e.g. one writing to a file), fitted to
-    its width: low-value columns go first, the error wraps, status and losses stay whole."""
-    from rich.console import Console
-
-    console = console or Console()
-    columns = _display_columns(rows, split_error=True)
-    for drop in DROP_FIRST:
-        if _table_width(rows, columns) <= console.width:
-            break
-        columns = [c for c in columns if c[0] != drop]
-    console.print(_rich_table(rows, columns, title))
-
-
-def _table_width(rows: list[JobResult], columns: list[Column]) -> int:
-    """The narrowest width at which rich lays the table out without cutting a cell: every
-    column at its widest, except those that wrap (at `WRAP_MIN`); 3 between columns, 2 edges."""
-    from rich.cells import cell_len
-
-    total = 3 * (len(columns) - 1) + 2
-    for header, cell in columns:
-        widest = max([cell_len(header), *(cell_len(cell(r)) for r in rows)])
-        total += min(widest, WRAP_MIN) if header in WRAPPING else widest
-    return total
-
-
-def _rich_table(rows: list[JobResult], columns: list[Column], title: str | None):
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for header, _ in columns:
-        wraps = header in WRAPPING
-        table.add_column(header, justify="right" if header in NUMERIC else "left",
-                         no_wrap=not wraps, overflow="fold" if wraps else "ellipsis")  # fmt: skip
-    headers = [h for h, _ in columns]
-    for row in rows:
-        # Text objects, not markup strings: a value like `[1,2]` must print as it is.
-        cells = [Text(cell(row)) for _, cell in columns]
-        cells[headers.index("status")].stylize(STATUS_STYLES.get(row.status, ""))
-        table.add_row(*cells, style="bold" if row.best else None)
-    return table
-
-
-def table_text(rows: list[JobResult], *, title: str | None = None, width: int = 200) -> str:
-    """The terminal table as plain text, for `--output FILE`."""
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    print_table(rows, console=Console(file=buffer, width=width, color_system=None), title=title)
-    # rich pads every line to the console width; a file wants no trailing blanks.
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).strip("\n") + "\n"
-
-
-def to_markdown(rows: list[JobResult]) -> str:
-    columns = _display_columns(rows)
-
-    def line(cells: list[str]) -> str:
-        # A `|` inside a cell (an error message) would split it into two columns.
-        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-
-    lines = [line([h for h, _ in columns]), line(["---"] * len(columns))]
-    lines += [line([cell(r) for _, cell in columns]) for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[JobResult]) -> str:
-    """Raw values (seconds, full floats, separate error column), for scripts and spreadsheets."""
-    optuna = any(r.trial is not None for r in rows)
-    params = list(rows[0].params) if rows else []
-    header = ["job", *(["trial", "objective"] if optuna else []), *params]
-    header += ["cluster", "status", "error", "step", "steps", "final_val_loss", "best_val_loss"]
-    header += ["tokens_per_s", "wall_s", "wandb_run", "best"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for r in rows:
-        record = [r.job, *([r.trial, r.objective] if optuna else [])]
-        record += [r.params.get(key, "") for key in params]
-        record += [r.cluster, r.status, r.error, r.step, r.steps, r.final_val, r.best_val]
-        record += [r.tokens_per_s, None if r.wall_s is None else round(r.wall_s, 1)]
-        record += [r.wandb_run, "true" if r.best else "false"]
-        writer.writerow(["" if v is None else v for v in record])
-    return buffer.getvalue()
-
-
-def optuna_summary(sweep_dir: str | Path) -> str | None:
-    """The study's best: optimization_results.yaml once the study has ended, else the best
-    trial so far from the journal (async_optuna), with the trials' states."""
-    data = read_optuna(sweep_dir) or {}
-    states = data.get("states") if isinstance(data.get("states"), dict) else None
-    best = None
-    if "best_value" in data:
-        best = (data["best_value"], data.get("best_params") or {}, data.get("best_trial"))
-    journal = read_journal(Path(sweep_dir))
-    if journal is not None and (journal.header.get("study") or best is None):
-        trials = [j for j in journal.jobs.values() if j.trial is not None]
-        if trials and states is None:
-            states = {}
-            for j in trials:
-                states[j.state] = states.get(j.state, 0) + 1
-        if best is None:
-            done = [j for j in trials if j.state == "COMPLETED"
-                    and _finite((j.result or {}).get("value"))]  # fmt: skip
-            if done:
-                pick = max if _maximize(journal, {}) else min
-                j = pick(done, key=lambda j: j.result["value"])
-                # The searched params: declared as sweeps, or varying across the trials.
-                sweep = Path(sweep_dir)
-                all_overrides = [_overrides_dict(t.overrides) for t in trials]
-                keys = swept_keys(
-                    all_overrides, declared_sweep_keys(sweep, _sweep_hydra_config(sweep, {}))
-                )
-                params = _overrides_dict(j.overrides)
-                best = (j.result["value"], {k: params[k] for k in keys if k in params}, j.trial)
-    if best is None:
-        return None
-    value, params, trial = best
-    params_text = ", ".join(f"{k}={fmt_param(str(v))}" for k, v in params.items())
-    text = f"optuna best value {_fmt_value(value)} at {params_text}"
-    text += f" (trial {trial})" if trial is not None else ""
-    if states:
-        counts = ", ".join(f"{n} {s.lower()}" for s, n in states.items() if n)
-        text += f"; {sum(states.values())} trials: {counts}"
-    return text
-
-
-def _fmt_value(value: Any) -> str:
-    return f"{value:.4g}" if _number(value) else str(value)
-
-
-# --- plot ------------------------------------------------------------------------------------
-
-
-def plot(rows: list[JobResult], sweep_dir: str | Path, out_png: str | Path) -> Path:
-    """Two panels: final val loss vs learning rate (one line per scheduler), and the curves."""
-    # The Agg canvas directly, not pyplot: no global backend state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(14, 5.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_lr, ax_curves = fig.subplots(1, 2)
-    _plot_lr(ax_lr, rows)
-    _plot_curves(ax_curves, rows, Path(sweep_dir))
-    out = Path(out_png)
-    try:
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        raise UserError(f"cannot write plot {out}: {e.strerror or e}") from e
-    return out
-
-
-def _plot_lr(ax, rows: list[JobResult]) -> None:
-    """Completed runs as a line per scheduler; unfinished runs as hollow markers, unjoined,
-    since their last val loss is not comparable with a finished one."""
-    schedulers = sorted({r.scheduler or "?" for r in rows if r.lr and r.lr > 0})
-    drawn = False
-    for i, scheduler in enumerate(schedulers):
-        mine = sorted(
-            (r.lr, r.final_val, r.status == "COMPLETED")
-            for r in rows
-            if (r.scheduler or "?") == scheduler and r.lr and r.lr > 0 and _finite(r.final_val)
-        )
-        done = [(lr, val) for lr, val, completed in mine if completed]
-        open_ = [(lr, val) for lr, val, completed in mine if not completed]
-        color = f"C{i % 10}"
-        if done:
-            ax.plot(*zip(*done, strict=True), marker="o", color=color, label=scheduler)
-        if open_:
-            label = None if done else scheduler
-            ax.plot(*zip(*open_, strict=True), marker="o", mfc="none", ls="none", color=color,
-                    label=label)  # fmt: skip
-        drawn = drawn or bool(mine)
-    best = next((r for r in rows if r.best and r.lr and r.lr > 0), None)
-    if best is not None:
-        ax.plot([best.lr], [best.final_val], marker="*", ms=16, color="gold", mec="black",
-                ls="none", label=f"best (job {best.job})")  # fmt: skip
-    if drawn:
-        ax.set_xscale("log")
-        ax.legend(title="scheduler (hollow: not completed)", fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no val loss with a learning rate yet", ha="center",
-                transform=ax.transAxes)  # fmt: skip
-    ax.set(xlabel="learning rate (optim.lr)", ylabel="final loss/val",
-           title="final validation loss vs learning rate")  # fmt: skip
-    ax.grid(True, which="both", alpha=0.3)
-
-
-def _plot_curves(ax, rows: list[JobResult], sweep_dir: Path) -> None:
-    from matplotlib.ticker import LogFormatter
-
-    # Legend labels by the last part of each swept key (`lr=0.003`) when that is unambiguous.
-    keys = list(rows[0].params) if rows else []
-    short = {k: k.rsplit(".", 1)[-1] for k in keys}
-    if len(set(short.values())) < len(keys):
-        short = {k: k for k in keys}
-    drawn = False
-    for i, r in enumerate(rows):
-        metrics = read_metrics(sweep_dir / str(r.job) / "metrics.jsonl")
-        label = ", ".join(f"{short[k]}={fmt_param(v)}" for k, v in r.params.items())
-        label = label or f"job {r.job}"
-        pruned = r.status == "PRUNED"
-        if pruned:
-            label += f" (pruned at {r.step})"
-        elif r.status != "COMPLETED":
-            label += f" ({r.status.lower()})"
-        for key, style in (("loss/out", "-"), ("loss/val", "--")):
-            points = [(step, m[key]) for step, m in metrics.items() if _finite(m.get(key))
-                      and not (pruned and r.step is not None and step > r.step)]  # fmt: skip
-            if not points:
-                continue
-            ax.plot(*zip(*points, strict=True), ls=style, lw=2.2 if r.best else 1.0,
-                    color=f"C{i % 10}", marker="." if key == "loss/val" else None,
-                    alpha=0.5 if pruned else 1.0, label=label)  # fmt: skip
-            if pruned:  # a cross where the pruner stopped it
-                ax.plot(*points[-1], marker="x", ms=9, mew=2, color=f"C{i % 10}", ls="none")
-            label = None  # one legend entry per run
-            drawn = True
-    if drawn:
-        # Curves start near ln(vocab) ~ 11 and end near 3: a log axis keeps the end readable;
-        # plain numbers on it, not 6x10^0.
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-        ax.legend(fontsize="small", title="solid loss/out, dashed loss/val, x pruned")
-    else:
-        ax.text(0.5, 0.5, "no losses yet", ha="center", transform=ax.transAxes)
-    ax.set(xlabel="step", ylabel="loss", title="training and validation loss")
-    ax.grid(True, which="both", alpha=0.3)
-
-
 # --- small helpers ---------------------------------------------------------------------------
 
 
@@ -766,12 +461,12 @@ def _get(data: Any, dotted: str) -> Any:
     return data
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _finite(value: Any) -> bool:
-    return _number(value) and math.isfinite(value)
+def finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)
 
 
 def _float(value: Any) -> float | None:
@@ -788,11 +483,11 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _fmt_loss(value: float | None) -> str:
+def fmt_loss(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def _fmt_duration(seconds: float | None) -> str:
+def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
     seconds = round(seconds)

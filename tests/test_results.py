@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lingua_sweep import results
+from lingua_sweep import results, results_plot, results_table
 from lingua_sweep.cli import main
 from lingua_sweep.errors import UserError
 
@@ -203,9 +203,9 @@ def test_statuses_errors_and_progress(grid_sweep):
     statuses = [rows[j].status for j in range(6)]
     assert statuses == ["COMPLETED"] * 3 + ["RUNNING", "FAILED", "FAILED"]
     assert rows[4].error == "RuntimeError: loss is NaN | grad_norm=inf"
-    assert results.status_text(rows[4]) == "FAILED: RuntimeError: loss is NaN | grad_norm=inf"
+    assert results_table.status_text(rows[4]) == "FAILED: RuntimeError: loss is NaN | grad_norm=inf"
     assert rows[5].error.startswith("ValueError: model.vocab_size=5")
-    assert rows[0].error is None and results.status_text(rows[0]) == "COMPLETED"
+    assert rows[0].error is None and results_table.status_text(rows[0]) == "COMPLETED"
     # Steps done / total; job 5 has no config.yaml, so the total comes from .hydra/config.yaml.
     assert [(rows[j].step, rows[j].steps) for j in (0, 3, 4, 5)] == [
         (100, 100),
@@ -279,7 +279,7 @@ def test_best_prefers_a_completed_run(tmp_path):
     )
     rows = results.collect(sweep)
     assert [(r.job, r.best) for r in rows] == [(1, False), (0, True)]
-    assert results.status_text(rows[0]) == "PREEMPTED: Preempted: signal 15"
+    assert results_table.status_text(rows[0]) == "PREEMPTED: Preempted: signal 15"
 
 
 def test_status_inferred_without_status_json(tmp_path):
@@ -341,11 +341,11 @@ def test_optuna_trials_and_objective(optuna_sweep):
         (0, 0, 3.6, False),
     ]
     assert all(list(r.params) == ["optim.lr"] for r in rows)  # scheduler is constant
-    assert results.optuna_summary(optuna_sweep) == "optuna best value 3.05 at optim.lr=0.0041"
-    header = results.to_markdown(rows).splitlines()[0]
+    assert results_table.optuna_summary(optuna_sweep) == "optuna best value 3.05 at optim.lr=0.0041"
+    header = results_table.to_markdown(rows).splitlines()[0]
     assert header.startswith("| best | job | trial | objective | optim.lr | cluster |")
     assert "wandb run" not in header  # no run had WandB configured
-    table = list(csv.DictReader(io.StringIO(results.to_csv(rows))))
+    table = list(csv.DictReader(io.StringIO(results_table.to_csv(rows))))
     assert [(d["trial"], d["objective"]) for d in table] == [
         ("1", "3.05"),
         ("2", "3.3"),
@@ -443,10 +443,10 @@ def test_pruned_trials_their_step_and_the_study_best(async_sweep):
     assert rows[2].error == "RuntimeError: loss is nan"
     assert [j for j, r in rows.items() if r.best] == [3]  # the pruned 2.0 is no result
     assert rows[3].objective == 3.05 and rows[4].params == {"optim.lr": "0.001"}
-    summary = results.optuna_summary(async_sweep)
+    summary = results_table.optuna_summary(async_sweep)
     assert summary.startswith("optuna best value 3.05 at optim.lr=0.0041 (trial 3); 5 trials")
     assert "1 pruned" in summary and "1 failed" in summary
-    text = results.table_text(list(rows.values()), width=120)
+    text = results_table.table_text(list(rows.values()), width=120)
     assert re.search(r"\b1\s+1\s+.*PRUNED\s+20/100", text), text
 
 
@@ -455,7 +455,7 @@ def test_plot_marks_pruned_curves(async_sweep):
 
     rows = results.collect(async_sweep)
     ax = Figure().subplots()
-    results._plot_curves(ax, rows, async_sweep)
+    results_plot._plot_curves(ax, rows, async_sweep)
     crosses = [line for line in ax.lines if line.get_marker() == "x"]
     assert len(crosses) == 2  # loss/out and loss/val of the one pruned trial
     assert all(line.get_xdata()[-1] <= 20 for line in crosses)  # cut where it was stopped
@@ -472,7 +472,7 @@ def test_terminal_table_fits_80_columns_without_cutting_status_or_losses(grid_sw
     for sweep in (grid_sweep, async_sweep):
         rows = results.collect(sweep)
         buffer = io.StringIO()
-        results.print_table(rows, console=Console(file=buffer, width=80, color_system=None))
+        results_table.print_table(rows, console=Console(file=buffer, width=80, color_system=None))
         text = buffer.getvalue()
         assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
         assert "…" not in text, text  # nothing cut short
@@ -481,7 +481,7 @@ def test_terminal_table_fits_80_columns_without_cutting_status_or_losses(grid_sw
                         if re.match(rf"\s*★?\s*{r.job}\s", line))  # fmt: skip
             assert re.search(rf"\b{r.status}\b", line), line
             assert _loss(r.final_val) in line, line  # (best val may be dropped: low value)
-        wide = results.table_text(rows, width=250)
+        wide = results_table.table_text(rows, width=250)
         assert "tok/s" in wide and "tok/s" not in text  # a low-value column made room
         for r in rows:  # the error wraps, but all of it is there
             assert (r.error or "").replace(" ", "") in re.sub(r"\s+", "", text)
@@ -497,11 +497,11 @@ def test_swept_floats_print_with_3_significant_digits(tmp_path):
         write_job(sweep, num, [f"optim.lr={lr}", "steps=100", f"model.dim={64 * (num + 1)}"],
                   records=metrics_records(STEPS, 3.0 + num))  # fmt: skip
     rows = results.collect(sweep)
-    for text in (results.table_text(rows), results.to_markdown(rows)):
+    for text in (results_table.table_text(rows), results_table.to_markdown(rows)):
         assert "0.00011" in text and "0.00316" in text and "0.000109" not in text
         assert " 128 " in text  # an int stays as it is
-    assert "0.00010979877869591871" in results.to_csv(rows)  # csv keeps the raw value
-    fmt = results.fmt_param
+    assert "0.00010979877869591871" in results_table.to_csv(rows)  # csv keeps the raw value
+    fmt = results_table.fmt_param
     assert [fmt("3e-3"), fmt("1e6"), fmt("12"), fmt("cosine"), fmt("[1,2]"), fmt("nan")] == [
         "0.003", "1e+06", "12", "cosine", "[1,2]", "nan",
     ]  # fmt: skip
@@ -583,7 +583,7 @@ def test_wandb_column_empty_when_wandb_never_ran(tmp_path):
     rows = {r.job: r for r in results.collect(sweep)}
     assert (rows[0].wandb_run, rows[1].wandb_run) == ("", "lr_sweep_alpha_3_1")
     shutil.rmtree(sweep / "1" / "wandb")
-    assert "wandb run" not in results.to_markdown(results.collect(sweep)).splitlines()[0]
+    assert "wandb run" not in results_table.to_markdown(results.collect(sweep)).splitlines()[0]
 
 
 def test_torn_and_invalid_metrics_lines_are_skipped(tmp_path):
@@ -614,7 +614,7 @@ def test_torn_and_invalid_metrics_lines_are_skipped(tmp_path):
 
 def test_markdown_parses(grid_sweep):
     rows = results.collect(grid_sweep)
-    lines = results.to_markdown(rows).splitlines()
+    lines = results_table.to_markdown(rows).splitlines()
     assert len(lines) == 2 + len(rows)
 
     def cells(line: str) -> list[str]:
@@ -638,7 +638,7 @@ def test_markdown_parses(grid_sweep):
 
 def test_csv_parses(grid_sweep):
     rows = results.collect(grid_sweep)
-    table = list(csv.DictReader(io.StringIO(results.to_csv(rows))))
+    table = list(csv.DictReader(io.StringIO(results_table.to_csv(rows))))
     assert len(table) == len(rows)
     assert [t["job"] for t in table] == ["2", "1", "0", "3", "4", "5"]
     assert "trial" not in table[0]  # not an Optuna sweep
@@ -657,7 +657,7 @@ def test_csv_parses(grid_sweep):
 
 
 def test_table_text(grid_sweep):
-    text = results.table_text(results.collect(grid_sweep), width=250)
+    text = results_table.table_text(results.collect(grid_sweep), width=250)
     assert re.search(r"FAILED .* RuntimeError: loss is NaN", text)  # status, then error column
     for expected in [
         "optim.lr",
@@ -675,7 +675,7 @@ def test_plot_is_a_png(grid_sweep, tmp_path):
     import matplotlib.image
 
     rows = results.collect(grid_sweep)
-    out = results.plot(rows, grid_sweep, tmp_path / "sweep.png")
+    out = results_plot.plot(rows, grid_sweep, tmp_path / "sweep.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(out)
     assert image.shape[0] > 100 and image.shape[1] > 100
@@ -709,7 +709,7 @@ def test_cli_markdown_to_file_with_plot(grid_sweep, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # the table went to the file
-    assert out.read_text() == results.to_markdown(results.collect(grid_sweep))
+    assert out.read_text() == results_table.to_markdown(results.collect(grid_sweep))
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
