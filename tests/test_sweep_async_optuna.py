@@ -23,8 +23,6 @@ from sweep_helpers import (
     sweep_cmd,
 )
 
-from lingua_sweep import corpus
-
 BASE = [o for o in TINY if not o.startswith(("steps=", "logging.val_loss_every="))]
 POLL_S = 0.5
 
@@ -200,14 +198,6 @@ def test_another_launcher_is_one_line_naming_multicluster(tmp_path):
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "hydra/launcher=multicluster" in errors[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "sweep" / "0").exists()
-
-
-@pytest.fixture(scope="module")
-def testbed(slurm_testbed):
-    for name in ("alpha", "beta"):
-        root = yaml.safe_load((slurm_testbed.cluster_conf_dir / f"{name}.yaml").read_text())
-        corpus.install(root["data_root"])
-    return slurm_testbed
 
 
 @pytest.mark.slurm

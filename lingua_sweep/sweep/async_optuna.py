@@ -30,7 +30,12 @@ from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_p
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep.compose import experiment_name
 from lingua_sweep.sweep.journal import decode_value
-from lingua_sweep.sweep.launch import SweepConfigError, SweepFailed, build_controller
+from lingua_sweep.sweep.launch import (
+    SweepConfigError,
+    SweepFailed,
+    build_controller,
+    cancel_on_ctrl_c,
+)
 from lingua_sweep.sweep.monitor import Monitor
 from lingua_sweep.sweep.params import LauncherParams
 
@@ -110,12 +115,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
             self._reconcile()
             self._loop(p.poll_interval_s)
         except KeyboardInterrupt:
-            problems = controller.cancel_all("cancelled (Ctrl-C)")
-            self._settle()
-            monitor.summary(controller)
-            for problem in problems:
-                log.error("could not cancel on %s", problem)
-            raise SystemExit(130) from None
+            cancel_on_ctrl_c(controller, monitor, settle=self._settle)
         finally:
             monitor.stop()
             controller.close()

@@ -9,6 +9,7 @@ reattaches to the sweep instead of starting it again.
 import logging
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
@@ -76,11 +77,7 @@ def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) ->
         indices = controller.register(overrides, initial_job_idx)
         controller.run(indices)
     except KeyboardInterrupt:
-        problems = controller.cancel_all("cancelled (Ctrl-C)")
-        monitor.summary(controller)
-        for problem in problems:
-            log.error("could not cancel on %s", problem)
-        raise SystemExit(130) from None
+        cancel_on_ctrl_c(controller, monitor)
     finally:
         monitor.stop()
         controller.close()
@@ -98,6 +95,18 @@ def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) ->
             f"`lingua-sweep results {controller.sweep_dir}` has the details"
         )
     return returns
+
+
+def cancel_on_ctrl_c(controller: Controller, monitor: Monitor, settle=None) -> NoReturn:
+    """Ctrl-C: every queued and running job is cancelled (then `settle`, e.g. the study is
+    told), the table says so, exit 130."""
+    problems = controller.cancel_all("cancelled (Ctrl-C)")
+    if settle is not None:
+        settle()
+    monitor.summary(controller)
+    for problem in problems:
+        log.error("could not cancel on %s", problem)
+    raise SystemExit(130) from None
 
 
 def job_return(controller: Controller, index: int) -> JobReturn:
