@@ -33,7 +33,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def sweep_cmd(
-    testbed, sweep_dir: Path, *args: str, script: Path = REPO / "train.py", wandb: bool = False,
+    testbed,
+    sweep_dir: Path,
+    *args: str,
+    script: Path = REPO / "train.py",
+    wandb: bool = False,
     conf_dir: Path | None = None,
 ) -> list[str]:
     return [
@@ -96,6 +100,17 @@ def _sacct_jobs(testbed, cluster: str, name_prefix: str | None) -> dict[str, str
             continue
         jobs[job_id] = state.split()[0]
     return jobs
+
+
+def wait_for(predicate, timeout: float, what: str = "the condition"):
+    """predicate()'s first truthy value, polled until `timeout` s; else the test fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def one_job_per_node(testbed) -> str:

@@ -22,19 +22,10 @@ from sweep_helpers import (
     slurm,
     status_json,
     sweep_cmd,
+    wait_for,
 )
 
 RANK_APP = REPO / "tests" / "apps" / "rank_app.py"
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slurm

@@ -24,6 +24,7 @@ from sweep_helpers import (
     slurm,
     status_json,
     sweep_cmd,
+    wait_for,
 )
 
 from lingua_sweep.sweep import remote
@@ -38,16 +39,6 @@ def ssh_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LINGUA_SWEEP_SSH_DIR", str(d))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def sweep_ids(testbed, sweep_dir: Path) -> dict[str, dict[str, str]]:

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from sweep_helpers import (
     one_job_per_node,
     sacct_jobs,
     slurm,
+    wait_for,
 )
 
 from lingua_sweep.clusters import (
@@ -137,13 +137,6 @@ def test_a_job_moves_once_and_only_where_there_is_room():
     assert not dispatch.should_move(700, 1, 600, {"beta": 1})  # moved already
     assert not dispatch.should_move(700, 0, 600, {"beta": 0})  # nowhere better
     assert not dispatch.should_move(700, 0, None, {"beta": 1})  # moving disabled
-
-
-def wait_for(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 # --- live, on the testbed --------------------------------------------------------------------
