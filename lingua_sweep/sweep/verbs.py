@@ -54,7 +54,6 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
     live_states: dict[int, str] = {}
     unreachable = {}
     if not offline:
-        controller.want_metrics = True
         for name, link in controller.links.items():
             mine = [j for j in controller.open_jobs() if j.cluster == name]
             if not mine:
