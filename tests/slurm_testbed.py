@@ -796,6 +796,73 @@ def _kill(pid: int, exe: str) -> None:
         time.sleep(0.1)
 
 
+# --- one daemon at a time, for fault tests -------------------------------------------------
+
+# The daemons that can go away and come back alone; the others only with the whole testbed.
+RESTARTABLE = ("sshd", "slurmdbd", *(f"slurmctld-{c}" for c in NODES))
+
+
+def daemon_pid(name: str, state_dir: Path = DEFAULT_DIR) -> int | None:
+    """The pid of the recorded daemon `name` (a component: "sshd", "slurmctld-beta"...) if it
+    runs, else None."""
+    rec = _recorded(_Layout(testbed_info(state_dir).state_dir)).get(name)
+    return rec[0] if rec and _alive(*rec) else None
+
+
+def stop_daemon(name: str, state_dir: Path = DEFAULT_DIR, *, sig: int = signal.SIGTERM) -> None:
+    """Stops one recorded daemon with `sig` (SIGKILL: a crash), SIGKILL after 15 s if it lingers.
+
+    Its pid file stays: `status` shows it dead, `stop` finds nothing to kill. A stopped sshd leaves
+    the sessions it serves alone, as a real one does. start_daemon brings it back.
+    """
+    lay = _Layout(testbed_info(state_dir).state_dir)
+    _check_restartable(name)
+    with _lock(lay.state):
+        rec = _recorded(lay).get(name)
+        if rec is None or not _alive(*rec):
+            return
+        os.kill(rec[0], sig)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _alive(*rec):
+            time.sleep(0.1)
+        _kill(*rec)  # a no-op once it is gone
+
+
+def start_daemon(name: str, state_dir: Path = DEFAULT_DIR, *, timeout: float = 60) -> int:
+    """Starts a stopped daemon again with the command `start` uses; returns its pid once it
+    answers (sshd: `ssh beta-hn true`; slurmdbd: sacctmgr; a slurmctld: sinfo lists its nodes)."""
+    lay = _Layout(testbed_info(state_dir).state_dir)
+    _check_restartable(name)
+    with _lock(lay.state):
+        rec = _recorded(lay).get(name)
+        if rec and _alive(*rec):
+            raise RuntimeError(f"testbed: {name} already runs (pid {rec[0]})")
+        if name == "sshd":
+            proc = _start_sshd(lay)
+            logs = [lay.logs / "sshd.log"]
+            _wait("sshd", lambda: _ssh_answers(lay), timeout, logs, [proc])
+        elif name == "slurmdbd":
+            _start_slurmdbd(lay)  # waits until sacctmgr answers
+        else:
+            cluster = name.removeprefix("slurmctld-")
+            proc = _spawn(lay, name, [_exe("slurmctld"), "-D"], lay.env(cluster))
+            logs = [lay.state / cluster / "log" / "slurmctld.log", lay.logs / f"{name}.out"]
+            ready = lambda: len(_node_states(lay, cluster)) == len(NODES[cluster])  # noqa: E731
+            _wait(name, ready, timeout, logs, [proc])
+        return _recorded(lay)[name][0]
+
+
+def _check_restartable(name: str) -> None:
+    if name not in RESTARTABLE:
+        raise ValueError(f"testbed: {name!r} is not one of {', '.join(RESTARTABLE)}")
+
+
+def _ssh_answers(lay: _Layout) -> bool:
+    """beta-hn accepts a new ssh session (whatever its nodes are doing)."""
+    argv = ["ssh", "-F", str(lay.ssh_config), "-o", "ConnectTimeout=5", BETA_LOGIN, "true"]
+    return _sh(argv, check=False, timeout=15).returncode == 0
+
+
 def status(state_dir: Path = DEFAULT_DIR) -> dict:
     lay = _Layout(testbed_info(state_dir).state_dir)
     rec = _recorded(lay)
