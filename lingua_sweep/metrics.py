@@ -52,19 +52,28 @@ def every_n_steps(step: int, freq: int) -> bool:
 # --- metrics.jsonl -------------------------------------------------------------------------
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; lines torn by a kill (or otherwise invalid) are skipped."""
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            step = record.get("step") if isinstance(record, dict) else None
-            if isinstance(step, int) and not isinstance(step, bool):
-                records.append(record)
-    return records
+def parse_records(text: str | None) -> list[dict[str, Any]]:
+    """metrics.jsonl's records in file order: the one parser of the format. Skipped: lines torn
+    by a kill (or the line a running job is writing now), NUL padding, anything that is not an
+    object with a non-negative integer `step`."""
+    out = []
+    for line in (text or "").splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if type(step) is int and step >= 0:
+            out.append(record)
+    return out
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file ([] when there is none)."""
+    try:
+        return parse_records(Path(path).read_bytes().decode("utf-8", errors="replace"))
+    except FileNotFoundError:
+        return []
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

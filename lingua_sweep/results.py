@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from lingua_sweep import metrics as metrics_lib
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep.journal import JobEntry, Journal, SweepState
 
@@ -233,26 +234,9 @@ def sweep_hydra_config(sweep: Path, job_dirs: dict[int, Path]) -> dict:
 def read_metrics(path: Path) -> dict[int, dict[str, Any]]:
     """{step: record}, steps ascending; a resumed run repeats steps, so later values win."""
     merged: dict[int, dict[str, Any]] = {}
-    for record in read_records(path):
+    for record in metrics_lib.read_metrics(path):
         merged.setdefault(record["step"], {}).update(record)
     return dict(sorted(merged.items()))
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records in file order; torn and invalid lines skipped (the line a running
-    job is writing now, a crash mid-write, NUL padding, a record without an integer `step`)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        step = record.get("step") if isinstance(record, dict) else None
-        if type(step) is int and step >= 0:
-            out.append(record)
-    return out
 
 
 def read_optuna(sweep_dir: str | Path) -> dict | None:
@@ -275,7 +259,7 @@ def _job_result(
         cfg = _read_yaml(job_dir / ".hydra" / "config.yaml")
     cfg = cfg if isinstance(cfg, dict) else {}
     status = _read_json(job_dir / "status.json")
-    records = read_records(job_dir / "metrics.jsonl")
+    records = metrics_lib.read_metrics(job_dir / "metrics.jsonl")
     metrics = read_metrics(job_dir / "metrics.jsonl")
     result = (job.result if job else None) or {}
     if result.get("status") == "PRUNED" and is_number(result.get("step")):

@@ -55,12 +55,14 @@ def test_ssh_is_batch_mode_with_connect_timeout_over_one_shared_connection(tmp_p
     assert cmd[-2:] == ["-F", "cfg"]  # the cluster's own options come last: they win
     options = dict(o.split("=", 1) for o in cmd[6:-2:2])  # the -o values after the first two
     assert options == {
+        "ServerAliveInterval": "10",  # a dead connection is dropped in ~30 s, not a timeout
+        "ServerAliveCountMax": "3",
         "ControlMaster": "auto",
         "ControlPath": f"{tmp_path / 'ssh'}/%C",
         "ControlPersist": str(remote.CONTROL_PERSIST_S),
     }
     assert oct((tmp_path / "ssh").stat().st_mode & 0o777) == "0o700"
-    assert remote.ssh_command(connect_timeout=3, multiplex=False)[5:] == []
+    assert remote.ssh_command(connect_timeout=3, multiplex=False)[5:] == list(remote.KEEPALIVE)
 
 
 def test_a_control_dir_others_can_enter_is_refused(tmp_path, monkeypatch):

@@ -6,9 +6,9 @@ lingua_sweep.sweep.agent CMD` in the sweep's code snapshot), and for a local one
 calls the same functions in-process. Requests and replies are small JSON, except jobs and
 return values, which travel cloudpickled and base64-encoded.
 
-    submit  --folder F --params JSON --name N  < tasks   -> JSON list of job ids
+    submit  --folder F --params JSON --batch N --fence D  < tasks  -> {"ids"|"refused"|"fenced"}
+    resolve --batch N --fence D [--since T] [--cancel]         -> {"ids"} or {"in_flight": true}
     poll                                       < JSON    -> states, finished outcomes, file tails
-    find    --name N                                     -> JSON list of job ids of that batch
     cancel  --jobs ID,...
     check   --paths P,...                                -> JSON list of the paths that are missing
 """
@@ -29,26 +29,10 @@ from typing import Any
 
 import cloudpickle
 
-STATUS_FILE = "status.json"
-# What squeue is asked about: jobs that are still to run or running. A final state comes from
-# sacct (the accounting record, with the exit code) whatever squeue still remembers.
-ACTIVE_SLURM_STATES = (
-    "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,"
-    "RESIZING,SIGNALING,STAGE_OUT,STOPPED,RESV_DEL_HOLD"
-)
-# Slurm states after which a job will not run again. PREEMPTED, REQUEUED, SUSPENDED etc. are
-# not among them: submitit requeues a preempted job, and it comes back as the same id.
-FINAL_SLURM_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-    "DEADLINE",
-}  # fmt: skip
-WHY_FAILED = {
-    "TIMEOUT": "time limit reached (raise hydra.launcher.timeout_min)",
-    "OUT_OF_MEMORY": "out of memory (raise hydra.launcher.mem_gb)",
-    "NODE_FAIL": "node failure",
-    "BOOT_FAIL": "node failed to boot",
-    "DEADLINE": "deadline reached",
-}
+from lingua_sweep.sweep.layout import STATUS_FILE
+from lingua_sweep.sweep.states import SLURM_ACTIVE, SLURM_ENDED, WHY_FAILED
+
+# sbatch waits this long for slurmctld; a busy one can take minutes (the fence covers that).
 SLURM_TIMEOUT_S = 60.0
 
 
@@ -191,6 +175,79 @@ def submit(tasks: list[JobTask], *, folder: str, params: dict[str, Any], slurm: 
     return [str(job.job_id) for job in jobs]
 
 
+def submit_fenced(
+    tasks: list[JobTask], *, folder: str, params: dict[str, Any], batch: str, fence: str
+) -> dict[str, Any]:
+    """sbatch behind a fence, so that a submission is never declared lost while it may land.
+
+    The fence is `<fence>/<batch>.lock`, flocked for the whole sbatch: `resolve` cannot take it
+    while this runs, however slow slurmctld is, and once `resolve` has taken it and written
+    `<batch>.fenced`, a late call of this function (its ssh delayed) submits nothing. The ids are
+    written next to the lock before anything is printed, so a launcher that never heard the
+    answer (timeout, Ctrl-C, kill -9) learns them from `resolve`.
+    """
+    with _fence(fence, batch, wait=True) as paths:
+        if paths["ids"].exists():  # the same call, retried
+            return {"ids": json.loads(paths["ids"].read_text())}
+        if paths["fenced"].exists():
+            return {"fenced": True}
+        try:
+            ids = submit(tasks, folder=folder, params=params, slurm=True)
+        except Exception as e:  # noqa: BLE001 - submitit raises several kinds for a refusal
+            # sbatch can fail after slurmctld took the job (a timed-out reply): look by name.
+            ids = find_batch(batch)
+            if not ids:
+                _write_atomic(paths["fenced"], "refused\n")
+                return {"refused": last_line(str(e)) or type(e).__name__}
+        _write_atomic(paths["ids"], json.dumps(ids))
+        if paths["cancel"].exists():  # the launcher gave up on this batch while sbatch ran
+            cancel(ids, slurm=True)
+        return {"ids": ids}
+
+
+def resolve(batch: str, fence: str, *, since: float | None = None, cancel: bool = False):
+    """What became of a submission whose answer never arrived: {"ids": [...]} (empty: it never
+    reached Slurm and never will), or {"in_flight": True} while its sbatch still runs (then,
+    with `cancel`, its jobs are cancelled as soon as it returns)."""
+    with _fence(fence, batch, wait=False) as paths:
+        if paths is None:
+            if cancel:
+                _write_atomic(Path(fence) / f"{batch}.cancel", "cancel\n")
+            return {"in_flight": True}
+        if paths["ids"].exists():
+            return {"ids": json.loads(paths["ids"].read_text())}
+        if not paths["fenced"].exists():
+            _write_atomic(paths["fenced"], "fenced\n")
+        return {"ids": find_batch(batch, since=since)}
+
+
+@contextlib.contextmanager
+def _fence(fence: str, batch: str, *, wait: bool):
+    import fcntl
+
+    root = Path(fence)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / f"{batch}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        yield {k: root / f"{batch}.{k}" for k in ("ids", "fenced", "cancel")}
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 # --- watching -------------------------------------------------------------------------------
 
 
@@ -200,32 +257,60 @@ def _slurm(argv: list[str]) -> str:
     return remote.run(argv, login=None, timeout=SLURM_TIMEOUT_S).stdout
 
 
-def slurm_states(ids: list[str]) -> dict[str, dict[str, str]]:
-    """{id: {state, reason}} from one `squeue` of active jobs and, for the others, one `sacct`.
+def slurm_states(ids: list[str], prefix: str | None = None) -> tuple[dict, dict[str, str]]:
+    """({id: {state, reason}}, {id: name of every active job named `prefix...`}) from one
+    `squeue` of active jobs and, for the others, one `sacct`.
 
     A job sacct does not know yet (slurmdbd lags sbatch by a second or two) is UNKNOWN, which
     is not final: it is asked again at the next poll.
     """
-    if not ids:
-        return {}
     wanted = set(ids)
     found: dict[str, dict[str, str]] = {}
-    out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", ACTIVE_SLURM_STATES,
-                  "-o", "%i|%T|%r"])  # fmt: skip
+    named: dict[str, str] = {}
+    if not ids and not prefix:
+        return {}, named
+    out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", ",".join(SLURM_ACTIVE),
+                  "-o", "%i|%T|%r|%j"])  # fmt: skip
     for line in out.splitlines():
-        job_id, _, rest = line.strip().partition("|")
-        state, _, reason = rest.partition("|")
+        job_id, state, reason, name = (line.strip().split("|", 3) + ["", "", ""])[:4]
         if job_id in wanted:
             found[job_id] = {"state": state, "reason": "" if reason == "None" else reason}
+        if prefix and name.startswith(prefix):
+            named[job_id] = name
     rest = [i for i in ids if i not in found]
     if rest:
-        argv = ["sacct", "-X", "-n", "-P", "-j", ",".join(rest), "-o", "JobID,State,ExitCode"]
+        # An array's base id too: sacct names the tasks that never started only under it.
+        asked = dict.fromkeys([*rest, *(i.split("_")[0] for i in rest if "_" in i)])
+        argv = ["sacct", "-X", "-n", "-P", "-j", ",".join(asked), "-o", "JobID,State,ExitCode"]
         out = _slurm(argv)
+        whole = {}  # an array cancelled before Slurm split it has one line, its base id
         for line in out.splitlines():
             parts = line.strip().split("|")
-            if len(parts) == 3 and parts[0] in wanted and parts[0] not in found:
-                found[parts[0]] = {"state": parts[1].split()[0], "exit": parts[2]}
-    return {i: found.get(i, {"state": "UNKNOWN"}) for i in ids}
+            if len(parts) != 3:
+                continue
+            state = {"state": parts[1].split()[0], "exit": parts[2]}
+            whole[parts[0]] = state
+            for job_id in expand_array(parts[0]):  # never-started tasks share one line
+                if job_id in wanted and job_id not in found:
+                    found[job_id] = state
+        for job_id in rest:
+            base = job_id.split("_")[0]
+            if job_id not in found and "_" in job_id and base in whole:
+                found[job_id] = whole[base]
+    return {i: found.get(i, {"state": "UNKNOWN"}) for i in ids}, named
+
+
+def expand_array(job_id: str) -> list[str]:
+    """`12_[2-3,5]` (sacct's line for array tasks that never started) -> 12_2, 12_3, 12_5."""
+    base, sep, spec = job_id.partition("_[")
+    if not sep:
+        return [job_id]
+    out = []
+    for part in spec.rstrip("]").split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and (high.isdigit() or not high):
+            out += [f"{base}_{i}" for i in range(int(low), int(high or low) + 1)]
+    return out
 
 
 def local_state(folder: str, job_id: str, tasks: int) -> dict[str, str]:
@@ -296,30 +381,47 @@ def tail_text(path: str, max_bytes: int = 200_000) -> str | None:
 def poll(request: dict[str, Any], *, slurm: bool) -> dict[str, Any]:
     """One poll of a cluster: every job's state, the outcomes of final ones, and file tails.
 
-    request: {"jobs": [{"id", "folder", "tasks"}], "files": [path, ...]}
+    request: {"jobs": [{"id", "folder", "tasks", "dir"}], "files": [path, ...], "prefix": str}
+    Each job's state says `ran` once its dir holds a status.json written by that very job (it
+    started, even if the launcher never saw it RUNNING); `named` lists the active jobs whose
+    name starts with `prefix` (so the launcher can tell its own from strays).
     """
     jobs = request.get("jobs", [])
+    named: dict[str, str] = {}
     if slurm:
-        states = slurm_states([j["id"] for j in jobs])
+        states, named = slurm_states([j["id"] for j in jobs], request.get("prefix"))
     else:
         states = {j["id"]: local_state(j["folder"], j["id"], j["tasks"]) for j in jobs}
     outcomes = {}
     for j in jobs:
         state = states[j["id"]]
-        if state["state"] in FINAL_SLURM_STATES:
+        if j.get("dir") and _ran(j["dir"], j["id"]):
+            state["ran"] = True
+        if state["state"] in SLURM_ENDED:
             outcomes[j["id"]] = outcome(j["folder"], j["id"], j["tasks"], state)
     files = {path: tail_text(path) for path in request.get("files", [])}
-    return {"states": states, "outcomes": outcomes, "files": files}
+    return {"states": states, "outcomes": outcomes, "files": files, "named": named}
 
 
-def find_batch(name: str) -> list[str]:
+def _ran(job_dir: str, job_id: str) -> bool:
+    try:
+        status = json.loads((Path(job_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(status, dict) and str(status.get("job_id")) == job_id
+
+
+def find_batch(name: str, since: float | None = None) -> list[str]:
     """Ids of the jobs of one submission (Slurm job name), in array order: for a launcher that
-    died between sbatch and writing the ids down."""
+    never heard sbatch's answer. `since`: the submission's time (sacct looks back from there)."""
     ids = set()
     out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-n", name, "-o", "%i"])
     ids.update(line.strip() for line in out.splitlines() if line.strip())
-    out = _slurm(["sacct", "-X", "-n", "-P", "-S", "now-7days", "--name", name, "-o", "JobID"])
-    ids.update(line.strip() for line in out.splitlines() if line.strip() and "[" not in line)
+    start = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 3600)) if since else ("now-7days")
+    )
+    out = _slurm(["sacct", "-X", "-n", "-P", "-S", start, "--name", name, "-o", "JobID"])
+    ids.update(i for line in out.splitlines() if line.strip() for i in expand_array(line.strip()))
     return sorted(ids, key=_array_order)
 
 
@@ -353,8 +455,17 @@ def missing_paths(patterns: list[str]) -> list[str]:
 # --- CLI, run on a remote login node --------------------------------------------------------
 
 
+# The agent's answer is the last line that starts with this: a login node's own chatter (a motd,
+# a module system, a site wrapper around python) may come before or after it.
+ANSWER = b"@lingua-sweep-agent "
+
+
 def _b64(obj: Any) -> bytes:
-    return base64.b64encode(cloudpickle.dumps(obj)) + b"\n"
+    return ANSWER + base64.b64encode(cloudpickle.dumps(obj)) + b"\n"
+
+
+def _json(obj: Any) -> bytes:
+    return ANSWER + json.dumps(obj).encode() + b"\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,9 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("submit")
     p.add_argument("--folder", required=True)
     p.add_argument("--params", required=True, help="JSON of sbatch parameters")
+    p.add_argument("--batch", required=True)
+    p.add_argument("--fence", required=True)
+    p = sub.add_parser("resolve")
+    p.add_argument("--batch", required=True)
+    p.add_argument("--fence", required=True)
+    p.add_argument("--since", type=float)
+    p.add_argument("--cancel", action="store_true")
     sub.add_parser("poll")
-    p = sub.add_parser("find")
-    p.add_argument("--name", required=True)
     p = sub.add_parser("cancel")
     p.add_argument("--jobs", required=True)
     p = sub.add_parser("check")
@@ -375,16 +491,19 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout.buffer
     if args.command == "submit":
         tasks = cloudpickle.loads(base64.b64decode(sys.stdin.buffer.read()))
-        ids = submit(tasks, folder=args.folder, params=json.loads(args.params), slurm=True)
-        out.write(json.dumps(ids).encode() + b"\n")
+        params = json.loads(args.params)
+        reply = submit_fenced(tasks, folder=args.folder, params=params, batch=args.batch,
+                              fence=args.fence)  # fmt: skip
+        out.write(_json(reply))
+    elif args.command == "resolve":
+        reply = resolve(args.batch, args.fence, since=args.since, cancel=args.cancel)
+        out.write(_json(reply))
     elif args.command == "poll":
         out.write(_b64(poll(json.loads(sys.stdin.read()), slurm=True)))
-    elif args.command == "find":
-        out.write(json.dumps(find_batch(args.name)).encode() + b"\n")
     elif args.command == "cancel":
         cancel(args.jobs.split(","), slurm=True)
     elif args.command == "check":
-        out.write(json.dumps(missing_paths(json.loads(args.paths))).encode() + b"\n")
+        out.write(_json(missing_paths(json.loads(args.paths))))
     return 0
 
 

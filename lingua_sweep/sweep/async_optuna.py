@@ -15,7 +15,6 @@ Its config surface and override grammar are hydra-optuna-sweeper's: this class i
   says so the job is cancelled, and the trial is PRUNED in the study, the journal and the table.
 """
 
-import json
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from optuna.trial import Trial, TrialState
 
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lingua_sweep.errors import UserError
+from lingua_sweep.metrics import parse_records
 from lingua_sweep.sweep.compose import experiment_name
 from lingua_sweep.sweep.journal import decode_value
 from lingua_sweep.sweep.launch import (
@@ -35,6 +35,7 @@ from lingua_sweep.sweep.launch import (
     SweepFailed,
     build_controller,
     cancel_on_ctrl_c,
+    one_line_errors,
 )
 from lingua_sweep.sweep.monitor import Monitor
 from lingua_sweep.sweep.params import LauncherParams
@@ -74,10 +75,8 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
             )
 
     def sweep(self, arguments: list[str]) -> None:
-        try:
+        with one_line_errors():
             self._sweep(list(arguments))
-        except UserError as e:  # a mistake the user can fix: one line, no traceback
-            raise SweepConfigError(str(e)) from None
 
     # --- one sweep ------------------------------------------------------------------------
 
@@ -227,7 +226,12 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         c = self.controller
         for number, flight in self.flights.items():
             job = c.state.jobs[flight.index]
-            if job.final or job.state != "RUNNING" or len(self.study.directions) > 1:
+            if (
+                job.final
+                or job.stopping
+                or job.state != "RUNNING"
+                or len(self.study.directions) > 1
+            ):
                 continue
             new = {s: v for s, v in val_losses(c.metrics.get(flight.index)).items()
                    if s not in flight.reported}  # fmt: skip
@@ -238,7 +242,8 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
                 self._prune(number, flight, max(new))
 
     def _prune(self, number: int, flight: Flight, step: int) -> None:
-        """Cancels the job and records it PRUNED with its step; `_settle` tells the study."""
+        """Cancels the job; once Slurm confirms, it is PRUNED with its step and `_settle` tells
+        the study."""
         note = f"pruned at step {step}"
         self.controller.cancel_job(flight.index, "PRUNED", note, step=step)
         log.info("trial %d (job #%d) %s", number, flight.index, note)
@@ -326,16 +331,10 @@ def edges(dist) -> list[Any]:
 
 
 def val_losses(metrics_text: str | None) -> dict[int, float]:
-    """{step: loss/val} of a metrics.jsonl text; torn, invalid and non-finite lines skipped."""
+    """{step: loss/val} of a metrics.jsonl text; non-finite values skipped."""
     out = {}
-    for line in (metrics_text or "").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        step, value = record.get("step"), record.get(REPORTED_KEY)
-        if type(step) is int and step >= 0 and type(value) in (int, float) and math.isfinite(value):
-            out[step] = float(value)
+    for record in parse_records(metrics_text):
+        value = record.get(REPORTED_KEY)
+        if type(value) in (int, float) and math.isfinite(value):
+            out[record["step"]] = float(value)
     return out

@@ -1,18 +1,20 @@
 """One protocol for talking to a cluster, two ways to do it.
 
-`InProcessBackend`: the cluster's Slurm answers here (a local SLURM_CONF, or we are on its login
-node), or it is the `local` cluster (jobs are processes on this machine): the agent's functions
-run in this process. `SshBackend`: everything goes through `python -m lingua_sweep.sweep.agent`
-on the login node, over the one multiplexed ssh connection, in an immutable code snapshot.
+`LocalBackend`: the `local` cluster (no Slurm): jobs are processes on this machine, started and
+watched in this process. `AgentBackend`: a Slurm cluster. Everything goes through `python -m
+lingua_sweep.sweep.agent` in a process of its own: here (the cluster's Slurm answers on this
+machine, e.g. a local SLURM_CONF, or we are on its login node) or on its login node over the
+one multiplexed ssh connection, in an immutable code snapshot. A process of its own, because
+every call then has a deadline, and an sbatch outlives a launcher killed in the middle of it
+holding its fence (see agent.submit_fenced).
 
-Every method may raise RemoteError (the cluster did not answer); the controller decides what
-that means. Idempotent calls (poll, find, cancel, fetch) are retried with backoff here first.
+Every method may raise RemoteError (the cluster did not answer, or its answer was unreadable:
+for a submission, "unknown", which only `resolve` can settle); the controller decides what that
+means. Idempotent calls (poll, resolve, cancel, fetch) are retried with backoff here first.
 """
 
 import base64
-import contextlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -33,15 +35,18 @@ RETRY_DELAYS_S = (1.0, 3.0)  # then the controller marks the cluster unreachable
 class Backend(Protocol):
     cluster: ClusterConfig
     code: dict[str, Any]  # where the jobs' code is: {"snapshot": dir} for a remote cluster
+    files_here: bool  # whether the jobs' dirs are on this machine's filesystem
 
     def prepare(self) -> None:
         """Everything needed before the first submission (code, environment); idempotent."""
 
-    def submit(self, tasks: list[agent.JobTask], *, folder: str, params: dict) -> list[str]: ...
+    def submit(self, tasks: list[agent.JobTask], *, folder: str, params: dict, batch: str,
+               fence: str) -> dict[str, Any]: ...  # fmt: skip
+
+    def resolve(self, batch: str, fence: str, *, since: float | None = None,
+                cancel: bool = False) -> dict[str, Any]: ...  # fmt: skip
 
     def poll(self, request: dict[str, Any]) -> dict[str, Any]: ...
-
-    def find(self, name: str) -> list[str]: ...
 
     def cancel(self, ids: list[str]) -> None: ...
 
@@ -59,22 +64,23 @@ def retry(call: Callable[[], T], delays: tuple[float, ...] = RETRY_DELAYS_S) -> 
     return call()
 
 
-@contextlib.contextmanager
-def cluster_environ(cluster: ClusterConfig):
-    """The cluster's environment (e.g. SLURM_CONF) for Slurm commands run in this process."""
-    saved = {k: os.environ.get(k) for k in cluster.env}
-    os.environ.update(cluster.env)
+def answer(out: str, command: str, *, pickled: bool = False) -> Any:
+    """The agent's answer (its last marked line); anything else is an unknown outcome (for a
+    submission: not a refusal)."""
+    mark = agent.ANSWER.decode()
+    lines = [line[len(mark) :] for line in out.splitlines() if line.startswith(mark)]
     try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if pickled:
+            return cloudpickle.loads(base64.b64decode(lines[-1]))
+        return json.loads(lines[-1])
+    except Exception:  # noqa: BLE001 - no answer, or a torn one: the same to the caller
+        raise remote.RemoteError(command=command, login=None, returncode=0, stderr=out[-2000:],
+                                 reason="no readable answer from the agent") from None  # fmt: skip
 
 
-class InProcessBackend:
+class LocalBackend:
+    files_here = True
+
     def __init__(self, cluster: ClusterConfig):
         self.cluster = cluster
         self.code: dict[str, Any] = {}
@@ -82,36 +88,34 @@ class InProcessBackend:
     def prepare(self) -> None:
         pass  # the code is this process's own
 
-    def submit(self, tasks, *, folder, params) -> list[str]:
-        with cluster_environ(self.cluster):
-            return agent.submit(tasks, folder=folder, params=params, slurm=self.cluster.slurm)
+    def submit(self, tasks, *, folder, params, batch, fence):
+        return {"ids": agent.submit(tasks, folder=folder, params=params, slurm=False)}
+
+    def resolve(self, batch, fence, *, since=None, cancel=False):
+        return {"ids": []}  # a `local` job is started by the submit call itself: no sbatch
 
     def poll(self, request):
-        with cluster_environ(self.cluster):
-            return retry(lambda: agent.poll(request, slurm=self.cluster.slurm))
-
-    def find(self, name):
-        if not self.cluster.slurm:
-            return []  # a `local` job is started by this very call: no sbatch to look for
-        with cluster_environ(self.cluster):
-            return retry(lambda: agent.find_batch(name))
+        return agent.poll(request, slurm=False)
 
     def cancel(self, ids):
-        with cluster_environ(self.cluster):
-            retry(lambda: agent.cancel(ids, slurm=self.cluster.slurm))
+        agent.cancel(ids, slurm=False)
 
     def fetch(self, remote_dir, local_dir):
-        pass  # outputs are already on this filesystem
+        pass
 
     def missing(self, paths):
         return agent.missing_paths(paths)
 
 
-class SshBackend:
-    def __init__(self, cluster: ClusterConfig, *, code_root: Path, timeout_s: float):
+class AgentBackend:
+    def __init__(
+        self, cluster: ClusterConfig, *, code_root: Path, timeout_s: float, over_ssh: bool
+    ):
         self.cluster = cluster
         self.code_root = code_root
         self.timeout = timeout_s
+        self.over_ssh = over_ssh
+        self.files_here = not over_ssh
         self.code: dict[str, Any] = {}
 
     def _ssh(self, argv: list[str], **kw):
@@ -128,7 +132,7 @@ class SshBackend:
         return exports + f"cd {shlex.quote(self.code['snapshot'])}"
 
     def prepare(self) -> None:
-        if self.code:
+        if self.code or not self.over_ssh:
             return
         c = self.cluster
         snapshot = remote.sync_snapshot(
@@ -141,7 +145,7 @@ class SshBackend:
         # The setup lines (uv sync, module loads) build the environment once per snapshot: a
         # marker in the snapshot says it is done, so polls never pay for them.
         setup = " && ".join(c.setup) or "true"
-        version = "import sys; print('%d.%d' % sys.version_info[:2])"
+        version = "import sys; print('python-version %d.%d' % sys.version_info[:2])"
         script = (
             f"{self._environment()} && "
             f"{{ test -e .lingua_setup_done || {{ {setup} && touch .lingua_setup_done; }}; }} && "
@@ -153,37 +157,47 @@ class SshBackend:
             self.code = {}
             raise
         here = "{}.{}".format(*sys.version_info[:2])
-        if not out or out[-1] != here:
+        found = [line.split()[-1] for line in out if line.startswith("python-version ")]
+        if not found or found[-1] != here:
             self.code = {}
             raise UserError(
-                f"cluster {c.name}: `{c.python}` is Python {out[-1] if out else '?'}, this "
+                f"cluster {c.name}: `{c.python}` is Python {found[-1] if found else '?'}, this "
                 f"machine runs {here}; jobs are pickled here and must load there: set the "
                 f"cluster's `python:` (or pin the version in its `setup:`) to Python {here}"
             )
 
     def _agent(self, args: list[str], stdin: bytes | None = None) -> str:
+        if not self.over_ssh:  # the cluster's Slurm answers here: the agent runs here
+            argv = [sys.executable, "-m", "lingua_sweep.sweep.agent", *args]
+            return remote.run(argv, login=None, env=self.cluster.env, timeout=self.timeout,
+                              input=stdin).stdout  # fmt: skip
+        self.prepare()  # a no-op once the sweep's snapshot is known (recorded in the journal)
         command = (
             f"{self._environment()} && "
             f"{self.cluster.python} -m lingua_sweep.sweep.agent {shlex.join(args)}"
         )
         return self._ssh(["bash", "-lc", command], input=stdin).stdout
 
-    def submit(self, tasks, *, folder, params) -> list[str]:
+    def submit(self, tasks, *, folder, params, batch, fence):
+        """Not retried: a second sbatch is what the fence exists to prevent. An exception means
+        the outcome is unknown; `resolve` settles it."""
         blob = base64.b64encode(cloudpickle.dumps(tasks))
-        out = self._agent(["submit", "--folder", folder, "--params", json.dumps(params)], blob)
-        return json.loads(out.strip().splitlines()[-1])
+        args = ["submit", "--folder", folder, "--params", json.dumps(params), "--batch", batch,
+                "--fence", fence]  # fmt: skip
+        return answer(self._agent(args, blob), "agent submit")
+
+    def resolve(self, batch, fence, *, since=None, cancel=False):
+        args = ["resolve", "--batch", batch, "--fence", fence]
+        args += ["--since", str(since)] if since else []
+        args += ["--cancel"] if cancel else []
+        return retry(lambda: answer(self._agent(args), "agent resolve"))
 
     def poll(self, request):
         def call():
             out = self._agent(["poll"], json.dumps(request).encode())
-            return cloudpickle.loads(base64.b64decode(out.strip().splitlines()[-1]))
+            return answer(out, "agent poll", pickled=True)
 
         return retry(call)
-
-    def find(self, name):
-        return retry(
-            lambda: json.loads(self._agent(["find", "--name", name]).strip().splitlines()[-1])
-        )
 
     def cancel(self, ids):
         if ids:
@@ -191,6 +205,8 @@ class SshBackend:
 
     def fetch(self, remote_dir, local_dir):
         """Brings a job's small outputs home (metrics, configs, status), not its checkpoints."""
+        if not self.over_ssh:
+            return  # outputs are already on this filesystem
         c = self.cluster
         retry(
             lambda: remote.fetch_dir(
@@ -204,22 +220,17 @@ class SshBackend:
         )
 
     def missing(self, paths):
-        out = self._agent(["check", "--paths", json.dumps(paths)])
-        return json.loads(out.strip().splitlines()[-1])
+        if not self.over_ssh:
+            return agent.missing_paths(paths)
+        return answer(self._agent(["check", "--paths", json.dumps(paths)]), "agent check")
 
 
 def make_backend(
     cluster: ClusterConfig, *, here: ClusterConfig | None, code_root: Path, timeout_s: float
-):
-    return (
-        InProcessBackend(cluster)
-        if is_local(cluster, here)
-        else SshBackend(cluster, code_root=code_root, timeout_s=timeout_s)
+) -> Backend:
+    if not cluster.slurm:
+        return LocalBackend(cluster)
+    over_ssh = cluster.login is not None and not (
+        here is not None and here.slurm and here.login == cluster.login
     )
-
-
-def is_local(cluster: ClusterConfig, here: ClusterConfig | None) -> bool:
-    """In-process when the cluster has no Slurm, no login node, or we are on its login node."""
-    if not cluster.slurm or cluster.login is None:
-        return True
-    return here is not None and here.slurm and here.login == cluster.login
+    return AgentBackend(cluster, code_root=code_root, timeout_s=timeout_s, over_ssh=over_ssh)

@@ -13,7 +13,6 @@ composed as Hydra would.
 import copy
 import hashlib
 import json
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -124,16 +123,6 @@ def config_hash(config: DictConfig) -> str:
     content = OmegaConf.to_container(OmegaConf.masked_copy(config, keys), resolve=False)
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def remote_sweep_dir(
-    cluster: ClusterConfig, name: str, local_sweep_dir: Path, sweep_id: str
-) -> str:
-    """Where a sweep's jobs write on a cluster whose filesystem is not this machine's: the
-    sweep's id keeps two sweeps with the same local dir name (`multirun/sweep`) apart, so no
-    job ever resumes another sweep's checkpoints."""
-    root = cluster.output_root.rstrip("/")
-    return f"{root}/{name}/multirun/{local_sweep_dir.name}.{sweep_id}"
 
 
 def _first_line(e: BaseException) -> str:

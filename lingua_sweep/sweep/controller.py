@@ -2,11 +2,14 @@
 
 Every step writes to the journal before it acts, so the loop can stop anywhere (`kill -9`, a
 laptop closing) and a new controller picks the sweep up from the journal alone:
-- a submission is recorded as an *intent* (its Slurm job name) before sbatch and resolved by
-  that name afterwards (`find`), so a job is never submitted twice nor lost in between;
-- a cluster that does not answer (ssh, sacct) is retried with backoff; its jobs keep their
-  journal entries and are collected when it answers again;
-- a result is read only once Slurm says the job is final, in the same call that polls it.
+- a submission is an *intent* (its Slurm job name) journaled before a fenced sbatch, settled by
+  the ids or by the agent's `resolve` (submit.py): a job is never submitted twice nor lost;
+- a cancel, a prune or a move is a `stop` request, final only once Slurm says the job ended;
+  until then it is asked again each poll, also by a resumed launcher;
+- a Slurm job carrying this sweep's name that the journal has no place for (a stray) is
+  journaled and cancelled;
+- each cluster's calls run on a worker thread of its own, with deadlines: a slow or hung
+  cluster never stalls another's polling and dispatch; the journal is written here only.
 """
 
 import logging
@@ -14,58 +17,27 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from hydra.core.singleton import Singleton
 
 from lingua_sweep import clusters as cluster_lib
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import agent, dispatch, remote
+from lingua_sweep.sweep import dispatch, faultpoint, layout
 from lingua_sweep.sweep import journal as journal_lib
-from lingua_sweep.sweep.backends import Backend, make_backend
-from lingua_sweep.sweep.compose import (
-    JobComposer,
-    config_hash,
-    is_trainer_config,
-    remote_sweep_dir,
-)
+from lingua_sweep.sweep.backends import make_backend
+from lingua_sweep.sweep.compose import JobComposer, config_hash, is_trainer_config
 from lingua_sweep.sweep.header import project_root, sweep_header
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
+from lingua_sweep.sweep.link import Link
 from lingua_sweep.sweep.params import WHEN_BUSY, LauncherParams
+from lingua_sweep.sweep.states import WAITING
+from lingua_sweep.sweep.submit import Submitter
+from lingua_sweep.sweep.watch import Watcher
 
 log = logging.getLogger(__name__)
-MAX_SUBMIT_FAILURES = 3
 BACKOFF_MAX_S = 60.0
-# Slurm states that mean "not started yet" for moving and for counting a cluster's queue.
-WAITING = ("PENDING", "CONFIGURING", "UNKNOWN", SUBMITTING)
-
-
-@dataclass
-class Link:
-    """A cluster as the controller sees it: its backend, its last probe, whether it answers."""
-
-    config: ClusterConfig
-    backend: Backend
-    status: cluster_lib.ClusterStatus | None = None
-    unusable: str | None = None  # a reason this sweep cannot use it at all (its data is missing)
-    down_until: float = 0.0
-    failures: int = 0
-    reason: str | None = None  # why it is down, for the live view and status
-
-    def down(self, reason: str, poll_s: float) -> None:
-        self.failures += 1
-        self.reason = reason
-        self.down_until = time.monotonic() + min(BACKOFF_MAX_S, poll_s * 2**self.failures)
-
-    def up(self) -> None:
-        self.failures, self.reason, self.down_until = 0, None, 0.0
-
-    @property
-    def available(self) -> bool:
-        return self.unusable is None and time.monotonic() >= self.down_until
+CONFIRM_CANCEL_S = 30.0  # how long a cancel waits for Slurm to confirm before saying so
 
 
 class Controller:
@@ -107,7 +79,9 @@ class Controller:
             )
             for n in self.names
         }
+        self._restore_code()
         self.monitor = monitor
+        self.submitter = Submitter(self)
         self.configs: dict[int, Any] = {}  # job index -> composed config, this process only
         self.composed_for: dict[int, tuple] = {}  # job index -> (cluster, sweep dir) of configs
         self.metrics: dict[int, str] = {}  # job index -> metrics.jsonl text of a running job
@@ -115,9 +89,19 @@ class Controller:
         self.on_result: Callable[[JobEntry], None] | None = None
         self.want_metrics = False
         self.last_probe = -1e9
-        self.submit_failures: dict[int, int] = {}
-        self.data_checked: dict[tuple, str | None] = {}
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
+        self.watcher = Watcher(self)
+
+    def _restore_code(self) -> None:
+        """The snapshot each cluster's jobs were submitted with, from the journal: a resumed
+        launcher talks to the agent in the sweep's own code, not in today's."""
+        for record in self.state.extra:
+            link = self.links.get(record.get("cluster")) if record["kind"] == "code" else None
+            if link is not None and not link.backend.files_here:
+                link.backend.code = {"snapshot": record["snapshot"], "env_dir": record["env_dir"]}
+
+    def code_recorded(self, cluster: str) -> bool:
+        return any(r["kind"] == "code" and r["cluster"] == cluster for r in self.state.extra)
 
     # --- opening a sweep ------------------------------------------------------------------
 
@@ -125,6 +109,7 @@ class Controller:
         """Takes the sweep's lock; writes its header (new sweep) or a `resumed` record."""
         self.journal.lock()
         self.state = self.journal.replay()
+        self._restore_code()
         if self.state.header:
             self.journal.append("resumed", pid=os.getpid(), host=socket.gethostname())
             return
@@ -137,6 +122,10 @@ class Controller:
     @property
     def sweep_id(self) -> str:
         return self.state.header.get("id", "sweep")
+
+    @property
+    def prefix(self) -> str:
+        return layout.batch_prefix(self.state.header.get("name") or "sweep", self.sweep_id)
 
     def register(
         self, job_overrides: Iterable[list[str]], first_index: int, trials: list | None = None
@@ -190,13 +179,24 @@ class Controller:
     def cycle(self) -> None:
         if self.journal.changed_by_others():
             self.state = self.journal.replay()
+        self.collect()
         self._check_cancel_request()
-        self._resolve_intents()
+        self.submitter.resolve_all()
+        self.watcher.record_strays()
         self._dispatch()
-        self._poll()
+        self.watcher.poll()
         self._move_long_pending()
         if self.monitor is not None:
             self.monitor.update(self)
+
+    def collect(self) -> None:
+        for link in self.links.values():
+            link.collect()
+
+    def drain(self) -> None:
+        """Waits for every cluster's calls in flight (each has its own deadline)."""
+        for link in self.links.values():
+            link.collect(wait=True)
 
     def jobs(self, *states: str) -> list[JobEntry]:
         return [j for j in self.state.jobs.values() if not states or j.state in states]
@@ -204,37 +204,9 @@ class Controller:
     def open_jobs(self) -> list[JobEntry]:
         return [j for j in self.state.jobs.values() if j.job_id and not j.final]
 
-    def _record(self, kind: str, **fields) -> None:
+    def record(self, kind: str, **fields) -> None:
         """Writes a record, then applies it: memory never runs ahead of the journal."""
         journal_lib.apply(self.state, self.journal.append(kind, **fields))
-
-    # --- submissions that may or may not have happened ------------------------------------
-
-    def _resolve_intents(self) -> None:
-        for batch, intent in list(self.state.intents.items()):
-            link = self.links.get(intent["cluster"])
-            if link is None or not link.available:
-                continue
-            try:
-                ids = link.backend.find(batch)
-            except remote.RemoteError as e:
-                link.down(e.reason, self.p.poll_interval_s)
-                continue
-            indices = intent["indices"]
-            if ids:
-                log.info("found submission %s on %s: %s", batch, intent["cluster"], ids)
-                self._record(
-                    "submitted", batch=batch, cluster=intent["cluster"], folder=intent["folder"],
-                    tasks=intent["tasks"], remote_dirs=intent.get("remote_dirs"),
-                    job_ids={str(i): job_id for i, job_id in zip(indices, ids, strict=False)},
-                )  # fmt: skip
-                # Ids missing from a partial submission: those jobs go back to the queue.
-                lost = indices[len(ids) :]
-                if lost:
-                    self._record("unsubmitted", batch=batch, indices=lost, reason="not found")
-            else:
-                self._record("unsubmitted", batch=batch, indices=indices,
-                             reason=intent.get("error") or "never reached Slurm")  # fmt: skip
 
     # --- dispatching ----------------------------------------------------------------------
 
@@ -279,6 +251,12 @@ class Controller:
         unusable = [link.unusable for link in self.links.values() if link.unusable]
         if len(unusable) == len(self.links):
             raise UserError(unusable[0])
+        # A moved job goes where it was moved to, and nowhere else.
+        for job in [j for j in queued if j.target in self.links]:
+            self._submit(self.links[job.target], [job])
+        queued = [j for j in queued if j.target not in self.links]
+        if not queued:
+            return
         self._probe()
         rooms = self.rooms()
         reachable = self._reachable_slurm()
@@ -306,78 +284,30 @@ class Controller:
                     self._submit(self.links[name], [job])
 
     def _submit(self, link: Link, share: list[JobEntry]) -> None:
-        c = link.config
-        try:
-            link.backend.prepare()
-        except remote.RemoteError as e:
-            log.warning("cluster %s: cannot prepare its code: %s", c.name, e.reason)
-            link.down(e.reason, self.p.poll_interval_s)
-            return
-        local = link.backend.code == {}
-        recorded = any(r["kind"] == "code" and r["cluster"] == c.name for r in self.state.extra)
-        if not local and not recorded:
-            self._record("code", cluster=c.name, **link.backend.code)
-        name = self.state.header.get("name") or "sweep"
-        if local:
-            base = str(self.sweep_dir)
+        if link.busy or not link.available:
+            return  # its thread is still on an earlier call: next cycle
+        batch = self.submitter.build(link, share)
+        if not self.submitter.ready(link, [t.config for t in batch.work]):
+            return  # its code or data is being checked (or missing): nothing journaled
+        self.record("intent", **batch.intent())
+        faultpoint.hit("submit.intent")
+        link.start(lambda: self.submitter.run(link, batch),
+                   lambda out: self.submitter.settle(link, batch, out))  # fmt: skip
+        faultpoint.hit("submit.sbatch")
+        if not link.config.slurm:
+            link.collect(wait=True)  # a local job starts in this process: know its pid now
+
+    def config_for(self, job: JobEntry, cluster: ClusterConfig, base: str):
+        """The job's config composed for this cluster and base dir (reused when it was)."""
+        if self.composed_for.get(job.index) == (cluster.name, base):
+            config = self.configs[job.index]
         else:
-            base = remote_sweep_dir(c, name, self.sweep_dir, self.sweep_id)
-        singletons = Singleton.get_state()
-        tasks, remote_dirs = [], {}
-        for job in share:
-            if self.composed_for.get(job.index) == (c.name, base):
-                config = self.configs[job.index]  # composed for this very cluster at register
-            else:
-                config = self.composer.compose(job.overrides, job.index, c, base)
-                self.composed_for[job.index] = (c.name, base)
-            if is_trainer_config(config) and self.code_version:
-                config.code_version = self.code_version
-            problem = self._data_problem(link, config)
-            if problem:
-                log.error("cluster %s cannot run this sweep: %s", c.name, problem)
-                link.unusable = problem
-                return  # its jobs stay queued for the other clusters
-            self.configs[job.index] = config
-            tasks.append(agent.JobTask(task_function=self.task_function, config=config,
-                                       job_num=job.index, cluster=c.name,
-                                       singletons=singletons))  # fmt: skip
-            if not local:
-                remote_dirs[str(job.index)] = f"{base}/{job.index}"
-        shape = dispatch.job_shape(c, self.p)
-        batch = f"{name}.{self.sweep_id}.{len(self.journal.records())}"
-        folder = f"{base}/.submitit/%j"
-        params = dispatch.sbatch_params(c, self.p, job_name=batch)
-        indices = [j.index for j in share]
-        self._record("intent", batch=batch, cluster=c.name, indices=indices, folder=folder,
-                     tasks=shape.tasks, remote_dirs=remote_dirs or None)  # fmt: skip
-        try:
-            ids = link.backend.submit(tasks, folder=folder, params=params)
-        except remote.RemoteError as e:
-            # sbatch may or may not have run: the intent is resolved by its name next cycle.
-            log.warning("cluster %s: submission of %s unconfirmed: %s", c.name, batch, e.reason)
-            link.down(e.reason, self.p.poll_interval_s)
-            return
-        except Exception as e:  # noqa: BLE001 - sbatch refused (submitit raises several kinds)
-            reason = agent.last_line(str(e)) or type(e).__name__
-            log.error("cluster %s refused %s: %s", c.name, batch, reason)
-            self._record("unsubmitted", batch=batch, indices=indices, reason=reason)
-            for job in share:
-                self.submit_failures[job.index] = self.submit_failures.get(job.index, 0) + 1
-                if self.submit_failures[job.index] >= MAX_SUBMIT_FAILURES:
-                    self._finish(job, {"status": "FAILED", "error": f"sbatch: {reason}"}, link)
-            return
-        self._record(
-            "submitted",
-            batch=batch,
-            cluster=c.name,
-            folder=folder,
-            tasks=shape.tasks,
-            remote_dirs=remote_dirs or None,
-            job_ids={str(i): job_id for i, job_id in zip(indices, ids, strict=True)},
-        )
-        self.submitted_any = True
-        for index, job_id in zip(indices, ids, strict=True):
-            log.info("#%d -> %s job %s", index, c.name, job_id)
+            config = self.composer.compose(job.overrides, job.index, cluster, base)
+            self.composed_for[job.index] = (cluster.name, base)
+        if is_trainer_config(config) and self.code_version:
+            config.code_version = self.code_version
+        self.configs[job.index] = config
+        return config
 
     @property
     def code_version(self) -> str | None:
@@ -386,102 +316,17 @@ class Controller:
             return None
         return code["commit"][:12] + ("-dirty" if code.get("dirty") else "")
 
-    def _data_problem(self, link: Link, config) -> str | None:
-        """The trainer's data must exist where the job will run, before anything is submitted:
-        checked here for this machine's filesystem, by the agent on a login node."""
-        c = link.config
-        if not is_trainer_config(config) or not c.data_on_login_node:
-            return None
-        key = (c.name, config.data.root, config.data.train_files, config.data.val_file)
-        if key in self.data_checked:
-            return self.data_checked[key]
-        problem = None
-        if link.backend.code == {}:  # this machine's filesystem
-            from lingua_sweep.data import check_data_files
-
-            try:
-                check_data_files(config.data, cluster=c.name)
-            except UserError as e:
-                problem = str(e)
-        else:
-            root = str(config.data.root)
-            patterns = [f"{root}/{config.data.train_files}", f"{root}/{config.data.val_file}"]
-            try:
-                missing = link.backend.missing(patterns)
-            except remote.RemoteError:
-                return None  # unknown now; the job itself checks when it starts
-            if missing:
-                problem = (
-                    f"{missing[0]} does not exist on {c.name}'s login node (data.root={root} "
-                    f"from cluster {c.name}); copy the data there or set data.root"
-                )
-        self.data_checked[key] = problem
-        return problem
-
     # --- watching -------------------------------------------------------------------------
 
-    def _poll(self) -> None:
-        for name, link in self.links.items():
-            mine = [j for j in self.open_jobs() if j.cluster == name]
-            if not mine or not link.available:
-                continue
-            files = []
-            if self.want_metrics:
-                files = [self._metrics_path(j) for j in mine if j.state == "RUNNING"]
-            request = {
-                "jobs": [{"id": j.job_id, "folder": j.folder, "tasks": j.tasks} for j in mine],
-                "files": files,
-            }
-            try:
-                reply = link.backend.poll(request)
-            except remote.RemoteError as e:
-                if link.failures == 0:
-                    log.warning("cluster %s does not answer (%s); retrying", name, e.reason)
-                link.down(e.reason, self.p.poll_interval_s)
-                continue
-            if link.failures:
-                log.info("cluster %s answers again", name)
-            link.up()
-            for job in mine:
-                outcome = reply["outcomes"].get(job.job_id)
-                if outcome is not None:
-                    self._finish(job, outcome, link)
-                    continue
-                state = reply["states"].get(job.job_id, {}).get("state", "UNKNOWN")
-                state = {"COMPLETING": "RUNNING", "CONFIGURING": "PENDING"}.get(state, state)
-                if state != job.state and not (state == "UNKNOWN" and job.state != SUBMITTING):
-                    reason = reply["states"][job.job_id].get("reason") or None
-                    self._record("state", index=job.index, state=state, reason=reason)
-                text = reply["files"].get(self._metrics_path(job)) if files else None
-                if text:
-                    self.metrics[job.index] = text
+    def job_dir(self, job: JobEntry) -> str:
+        """Where the job writes, on its cluster's filesystem."""
+        return job.remote_dir or layout.job_dir(self.sweep_dir, job.index)
 
-    def _metrics_path(self, job: JobEntry) -> str:
-        base = job.remote_dir or str(self.sweep_dir / str(job.index))
-        return f"{base}/metrics.jsonl"
+    def metrics_path(self, job: JobEntry) -> str:
+        return f"{self.job_dir(job)}/{layout.METRICS_FILE}"
 
-    def _finish(self, job: JobEntry, outcome: dict[str, Any], link: Link) -> None:
-        local_dir = self.sweep_dir / str(job.index)
-        if job.remote_dir:
-            try:
-                link.backend.fetch(job.remote_dir, local_dir)
-            except remote.RemoteError as e:
-                log.warning("#%d: could not fetch outputs from %s: %s", job.index, job.cluster,
-                            e.reason)  # fmt: skip
-        status = outcome["status"]
-        if outcome.get("job_return") is not None:
-            self.returns[job.index] = outcome["job_return"]
-        value, pickled = journal_lib.encode_value(outcome.get("value"))
-        agent.write_status(local_dir, status=status, error=outcome.get("error"),
-                           job_id=job.job_id, cluster=job.cluster)  # fmt: skip
-        self._record("result", index=job.index, status=status, value=value,
-                     value_pickle=pickled, error=outcome.get("error"),
-                     step=outcome.get("step"))  # fmt: skip
-        if status == "FAILED":
-            log.error("#%d on %s (job %s) FAILED: %s", job.index, job.cluster, job.job_id,
-                      outcome.get("error"))  # fmt: skip
-        if self.on_result is not None:
-            self.on_result(self.state.jobs[job.index])
+    def poll_request(self, name: str, *, files: bool) -> tuple[list[JobEntry], dict]:
+        return self.watcher.poll_request(name, files=files)
 
     def _move_long_pending(self) -> None:
         if self.p.max_pending_s is None or self.composer is None:
@@ -489,7 +334,7 @@ class Controller:
         now = time.time()
         stuck = [
             j for j in self.jobs("PENDING")
-            if j.started_at is None and j.moves == 0 and j.submitted_at
+            if j.started_at is None and j.moves == 0 and j.submitted_at and not j.stopping
             and now - j.submitted_at >= self.p.max_pending_s
         ]  # fmt: skip
         if not stuck:
@@ -501,72 +346,69 @@ class Controller:
             if not dispatch.should_move(now - job.submitted_at, job.moves, self.p.max_pending_s,
                                         others):  # fmt: skip
                 continue
-            link = self.links[job.cluster]
-            try:
-                link.backend.cancel([job.job_id])
-            except remote.RemoteError as e:
-                link.down(e.reason, self.p.poll_interval_s)
-                continue
             target = next(n for n, r in others.items() if r > 0)
             rooms[target] -= 1
-            log.info("#%d pending %.0fs on %s while %s has room: moving it", job.index,
-                     now - job.submitted_at, job.cluster, target)  # fmt: skip
-            self._record(
-                "moved",
-                index=job.index,
-                cluster=job.cluster,
-                job_id=job.job_id,
-                to=target,
-                reason=f"pending {now - job.submitted_at:.0f}s",
-            )
+            note = f"pending {now - job.submitted_at:.0f}s while {target} has room"
+            log.info("#%d %s: moving it", job.index, note)
+            # Moved (and bound for the target) once Slurm confirms it ended here unstarted.
+            self.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
+                        status="MOVE", note=note, to=target)  # fmt: skip
+            faultpoint.hit("stop.recorded")
 
     # --- cancelling -----------------------------------------------------------------------
 
     def _check_cancel_request(self) -> None:
-        if self.state.cancel_requested and any(not j.final for j in self.state.jobs.values()):
-            self.cancel_all("cancelled by `lingua-sweep cancel`")
+        if self.state.cancel_requested and any(
+            not j.final and not j.stopping for j in self.state.jobs.values()
+        ):
+            self.cancel_all(self.state.cancel_reason, confirm_s=0)
 
-    def cancel_all(self, reason: str = "cancelled") -> list[str]:
-        """Cancels every job not yet final; returns what could not be cancelled (and why)."""
+    def cancel_all(self, reason: str = "cancelled", *, confirm_s: float = CONFIRM_CANCEL_S):
+        """Cancels every job not yet final; returns what is not confirmed cancelled (and why).
+
+        Queued jobs end at once; an sbatch in flight is told to cancel what it submits; running
+        and pending jobs get a `stop` and scancel, and end CANCELLED once Slurm says so (waited
+        for up to `confirm_s`; after that the next poll, or `lingua-sweep cancel`, finishes)."""
         if not self.state.cancel_requested:
-            self._record("cancel", reason=reason)
-        self._resolve_intents()
-        problems = []
-        for name, link in self.links.items():
-            mine = [j for j in self.open_jobs() if j.cluster == name]
-            if not mine:
-                continue
-            try:
-                link.backend.cancel([j.job_id for j in mine])
-            except remote.RemoteError as e:
-                problems.append(f"{name}: {e.reason}")
-                continue
-            for job in mine:
-                self._record("result", index=job.index, status="CANCELLED", error=reason)
+            self.record("cancel", reason=reason)
+            faultpoint.hit("cancel.recorded")
         for job in self.jobs(QUEUED):
-            self._record("result", index=job.index, status="CANCELLED", error=reason)
+            self.record("result", index=job.index, status="CANCELLED", error=reason)
+        self.drain()
+        problems = self.submitter.resolve_all(cancel=True, wait=True)
+        for job in self.open_jobs():
+            if not job.stopping:
+                self.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
+                            status="CANCELLED", note=reason)  # fmt: skip
+                faultpoint.hit("stop.recorded")
+        deadline = time.monotonic() + confirm_s
+        while True:
+            for link in self.links.values():
+                link.down_until = 0.0  # a cancel is worth a try on every cluster now
+            self.watcher.poll()
+            self.drain()
+            if confirm_s <= 0 or time.monotonic() >= deadline or not self.open_jobs():
+                break
+            time.sleep(min(1.0, self.p.poll_interval_s))
+        if confirm_s > 0:
+            problems += [f"{j.cluster}: job {j.job_id} (#{j.index}) not confirmed cancelled"
+                         + (f" ({self.links[j.cluster].reason})"
+                            if self.links[j.cluster].reason else "")
+                         for j in self.open_jobs()]  # fmt: skip
         return problems
 
     def cancel_job(self, index: int, status: str, note: str, *, step: int | None = None) -> None:
-        """Stops one job (a pruned trial) and records why and at which step; it ends as
-        `status`, with its outputs brought home like a finished job's."""
+        """Stops one job (a pruned trial): it ends as `status`, with why and at which step, once
+        Slurm confirms it stopped; its outputs come home like a finished job's."""
         job = self.state.jobs[index]
-        if job.final:
+        if job.final or job.stopping:
             return
-        link = self.links.get(job.cluster) if job.cluster else None
-        if job.job_id and link is not None:
-            try:
-                link.backend.cancel([job.job_id])
-            except remote.RemoteError as e:
-                log.warning("#%d: could not cancel on %s: %s", index, job.cluster, e.reason)
-        self._record("result", index=index, status=status, error=note, step=step)
-        local_dir = self.sweep_dir / str(index)
-        if job.remote_dir and link is not None:
-            try:
-                link.backend.fetch(job.remote_dir, local_dir)
-            except remote.RemoteError as e:
-                log.warning("#%d: could not fetch outputs: %s", index, e.reason)
-        agent.write_status(local_dir, status=status, error=note, step=step)
+        if job.job_id is None:  # not on a cluster yet
+            self.record("result", index=index, status=status, error=note, step=step)
+            return
+        self.record("stop", index=index, cluster=job.cluster, job_id=job.job_id, status=status,
+                    note=note, step=step)  # fmt: skip
+        faultpoint.hit("stop.recorded")
 
 
 def candidate_clusters(p: LauncherParams, registry: dict[str, ClusterConfig]) -> list[str]:

@@ -21,16 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from lingua_sweep.errors import UserError
+from lingua_sweep.sweep.states import FINAL, QUEUED, SUBMITTING
 
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = ".launcher.lock"
 VERSION = 1
 
-# Our own job states. QUEUED: not yet on a cluster; SUBMITTING: sbatch may have happened (an
-# intent without its ids); the Slurm states in between; then one of FINAL.
-QUEUED = "QUEUED"
-SUBMITTING = "SUBMITTING"
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "PRUNED")
+__all__ = ["FINAL", "QUEUED", "SUBMITTING", "Journal", "JobEntry", "SweepState", "replay"]
 
 
 @dataclass
@@ -50,6 +47,10 @@ class JobEntry:
     started_at: float | None = None  # first seen RUNNING
     ended_at: float | None = None
     moves: int = 0  # resubmissions elsewhere after pending too long
+    target: str | None = None  # the cluster a move sent it to: where it goes next, only there
+    # A cancel asked of Slurm and not yet confirmed: {status, note, step, to}. The job is final
+    # (or moved) only once Slurm says it ended.
+    stopping: dict[str, Any] | None = None
     history: list[list] = field(default_factory=list)  # [time, state, note]
     result: dict[str, Any] | None = None  # {status, value, error, step}
 
@@ -64,7 +65,13 @@ class SweepState:
     jobs: dict[int, JobEntry]
     intents: dict[str, dict]  # batch name -> intent, until its `submitted` record arrives
     cancel_requested: bool = False
+    cancel_reason: str = "cancelled"
     extra: list[dict] = field(default_factory=list)  # records of other kinds (study, notes)
+    # Every Slurm job this sweep knows, (cluster, id) -> job index (None: a stray).
+    known_ids: dict[tuple[str, str], int | None] = field(default_factory=dict)
+    # Slurm jobs that landed for a job already final or placed elsewhere (a late sbatch): they
+    # must be cancelled and recorded as `stray`. (cluster, id) -> batch.
+    strays: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 class Journal:
@@ -95,7 +102,9 @@ class Journal:
             if _ends_torn(fd):
                 line = b"\n" + line  # a crash tore the last line: start ours on a fresh one
             before = os.fstat(fd).st_size
-            os.write(fd, line)
+            view = memoryview(line)
+            while view:  # a full disk can take part of a write: never a short record unseen
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
             if before == self.size_known:
                 self.size_known = before + len(line)
@@ -189,6 +198,13 @@ def apply(state: SweepState, r: dict) -> None:
         state.intents.pop(r["batch"], None)
         for index, job_id in r["job_ids"].items():
             entry = state.jobs[int(index)]
+            key = (r["cluster"], job_id)
+            if entry.state != SUBMITTING or entry.batch != r["batch"]:
+                # Landed for a job that has moved on (final, requeued, elsewhere): a stray.
+                state.known_ids.setdefault(key, None)
+                state.strays[key] = r["batch"]
+                continue
+            state.known_ids[key] = entry.index
             entry.cluster, entry.job_id, entry.batch = r["cluster"], job_id, r["batch"]
             entry.folder, entry.tasks = r["folder"], r["tasks"]
             entry.remote_dir = (r.get("remote_dirs") or {}).get(str(index))
@@ -205,10 +221,15 @@ def apply(state: SweepState, r: dict) -> None:
         if job.final:
             return
         _set_state(job, t, r["state"], r.get("reason"))
-        if r["state"] == "RUNNING" and job.started_at is None:
+        # `ran`: the job's own status.json says it started, though it was never seen RUNNING.
+        if (r["state"] == "RUNNING" or r.get("ran")) and job.started_at is None:
             job.started_at = t
+    elif kind == "stop" and job is not None:
+        if not job.final:
+            job.stopping = {k: r.get(k) for k in ("status", "note", "step", "to")}
     elif kind == "moved" and job is not None:
         job.moves += 1
+        job.target, job.stopping = r.get("to"), None
         job.cluster = job.job_id = job.folder = job.remote_dir = job.batch = None
         job.started_at = job.submitted_at = None
         _set_state(job, t, QUEUED, r.get("reason"))
@@ -216,10 +237,15 @@ def apply(state: SweepState, r: dict) -> None:
         if job.final:
             return  # the first final word stands (a late poll after a cancel, say)
         job.result = {k: r.get(k) for k in ("status", "value", "value_pickle", "error", "step")}
-        job.ended_at = t
+        job.ended_at, job.stopping = t, None
         _set_state(job, t, r["status"], r.get("error"))
+    elif kind == "stray":
+        key = (r["cluster"], r["job_id"])
+        state.known_ids.setdefault(key, None)
+        state.strays.pop(key, None)
     elif kind == "cancel":
         state.cancel_requested = True
+        state.cancel_reason = r.get("reason") or state.cancel_reason
     else:
         state.extra.append(r)
 

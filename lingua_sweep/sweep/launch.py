@@ -6,6 +6,7 @@ Optuna sweepers work unchanged. Rerunning the same command with the same `hydra.
 reattaches to the sweep instead of starting it again.
 """
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -27,6 +28,11 @@ from lingua_sweep.sweep.params import LauncherParams
 
 log = logging.getLogger(__name__)
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# What a sweep leaves in its dir besides the numbered job dirs.
+PREVIOUS_SWEEP_FILES = (
+    "journal.jsonl", "optuna.db", "multirun.yaml", "optimization_results.yaml", ".submitit",
+    ".submissions",
+)  # fmt: skip
 
 
 class SweepConfigError(CompactHydraException):
@@ -43,10 +49,7 @@ def build_controller(launcher, p: LauncherParams, *, monitor=None) -> Controller
     sweep_dir = Path(str(cfg.hydra.sweep.dir))
     journal = Journal(sweep_dir)
     if not p.resume and journal.exists() and not p.dry_run:
-        aside = journal.path.with_name(f"journal.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        journal.path.rename(aside)
-        log.warning("hydra.launcher.resume=false: a new sweep in %s (old journal: %s)",
-                    sweep_dir, aside.name)  # fmt: skip
+        set_aside(journal)
     return Controller(
         sweep_dir=sweep_dir,
         params=p,
@@ -58,11 +61,51 @@ def build_controller(launcher, p: LauncherParams, *, monitor=None) -> Controller
     )
 
 
-def launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+def set_aside(journal: Journal) -> None:
+    """hydra.launcher.resume=false: the sweep dir's earlier sweep (journal, study, job dirs)
+    moves to `previous-<time>/` so that no new job reads an old one's checkpoint or trial;
+    never while that sweep runs or has jobs that are not final."""
+    journal.lock()  # fails, naming the holder, while a launcher runs it
     try:
-        return _launch(launcher, p, job_overrides, initial_job_idx)
-    except UserError as e:  # a mistake the user can fix: one line, no traceback
+        state = journal.replay()
+        open_jobs = [j for j in state.jobs.values() if not j.final]
+        if open_jobs:
+            raise UserError(
+                f"hydra.launcher.resume=false: the sweep in {journal.dir} has "
+                f"{len(open_jobs)} job(s) not final; `lingua-sweep cancel {journal.dir}` first, "
+                "or resume it (resume=true), or use another hydra.sweep.dir"
+            )
+        aside = journal.dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for path in journal.dir.iterdir():
+            if path.name in PREVIOUS_SWEEP_FILES or path.name.isdigit():
+                path.rename(aside / path.name)
+    finally:
+        journal.unlock()
+    log.warning("hydra.launcher.resume=false: a new sweep in %s (the earlier one in %s)",
+                journal.dir, aside.name)  # fmt: skip
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """What the user can fix is one line, never a traceback: a mistake (UserError), or the
+    machine failing the launcher (a full disk, a vanished mount), which stops it with the
+    journal intact, to be picked up again by the same command."""
+    try:
+        yield
+    except UserError as e:
         raise SweepConfigError(str(e)) from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise SweepConfigError(
+            f"{where}{e.strerror or e}; the sweep stopped with its journal intact: fix this, "
+            "then rerun the same command (or `lingua-sweep resume SWEEP_DIR`) to continue it"
+        ) from None
+
+
+def launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    with one_line_errors():
+        return _launch(launcher, p, job_overrides, initial_job_idx)
 
 
 def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> list[JobReturn]:

@@ -4,7 +4,6 @@ On a terminal the table refreshes in place (rich); otherwise (a log file, CI) on
 change and a totals line every `PLAIN_EVERY_S`. `lingua-sweep status` prints the same rows.
 """
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from lingua_sweep.metrics import parse_records
 from lingua_sweep.sweep.journal import FINAL
 
 PLAIN_EVERY_S = 30.0
@@ -39,16 +39,10 @@ class Row:
 
 
 def progress(metrics_text: str | None) -> tuple[int | None, float | None]:
-    """(last step, last loss) of a metrics.jsonl text; torn lines are skipped."""
+    """(last step, last loss) of a metrics.jsonl text."""
     step = loss = None
-    for line in (metrics_text or "").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        step = record.get("step", step)
+    for record in parse_records(metrics_text):
+        step = record["step"]
         for key in ("loss/val", "loss/out", "loss/init"):
             if isinstance(record.get(key), int | float):
                 loss = record[key]

@@ -52,6 +52,9 @@ def _tail(text: str, lines: int = 20, chars: int = 2000) -> str:
 
 
 CONTROL_PERSIST_S = 600  # a master outlives a sweep's quiet minutes, not the user's day
+# A connection that stops answering (a laptop slept, a VPN changed, a hung login node) is
+# dropped after about 3 x 10 s instead of holding every multiplexed call to its full timeout.
+KEEPALIVE = ("-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3")
 
 
 def control_dir() -> Path:
@@ -81,6 +84,7 @@ def ssh_command(
         "ssh",
         "-o", "BatchMode=yes",
         "-o", f"ConnectTimeout={max(1, int(connect_timeout))}",
+        *KEEPALIVE,
         *(control_options() if multiplex else []),
         *ssh_options,
     ]  # fmt: skip
@@ -88,7 +92,8 @@ def ssh_command(
 
 def open_master(login: str, ssh_options: Sequence[str] = ()) -> int:
     """Opens the shared connection interactively: ssh asks for the password/2FA on the tty."""
-    argv = ["ssh", *control_options(), "-o", "ControlMaster=yes", *ssh_options, "-fN", login]
+    argv = ["ssh", *KEEPALIVE, *control_options(), "-o", "ControlMaster=yes", *ssh_options,
+            "-fN", login]  # fmt: skip
     return subprocess.run(argv, check=False).returncode
 
 

@@ -19,6 +19,7 @@ from lingua_sweep.sweep.controller import Controller
 from lingua_sweep.sweep.journal import Journal
 from lingua_sweep.sweep.monitor import job_rows, render, totals_line
 from lingua_sweep.sweep.params import LauncherParams
+from lingua_sweep.sweep.states import FINAL
 
 
 def open_journal(sweep_dir: str | Path) -> Journal:
@@ -55,14 +56,9 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
     unreachable = {}
     if not offline:
         for name, link in controller.links.items():
-            mine = [j for j in controller.open_jobs() if j.cluster == name]
+            mine, request = controller.poll_request(name, files=True)
             if not mine:
                 continue
-            link.backend.code = _snapshot_of(controller, name)
-            request = {
-                "jobs": [{"id": j.job_id, "folder": j.folder, "tasks": j.tasks} for j in mine],
-                "files": [controller._metrics_path(j) for j in mine],
-            }
             try:
                 reply = link.backend.poll(request)
             except remote.RemoteError as e:
@@ -70,13 +66,13 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
                 continue
             for j in mine:
                 live_states[j.index] = reply["states"].get(j.job_id, {}).get("state", "UNKNOWN")
-                text = reply["files"].get(controller._metrics_path(j))
+                text = reply["files"].get(controller.metrics_path(j))
                 if text:
                     controller.metrics[j.index] = text
     rows = job_rows(controller.state, controller.sweep_dir, controller.metrics,
                     _total_steps(controller))  # fmt: skip
     for row in rows:
-        if row.index in live_states and row.state not in ("COMPLETED", "FAILED", "CANCELLED"):
+        if row.index in live_states and row.state not in FINAL:
             row.state = live_states[row.index]
     if as_json:
         payload = {
@@ -109,42 +105,63 @@ def _total_steps(controller: Controller) -> dict[int, int]:
     return out
 
 
-def _snapshot_of(controller: Controller, cluster: str) -> dict:
-    """The agent must run from the sweep's own snapshot on the login node; find it by name."""
-    from lingua_sweep.sweep.backends import SshBackend
+def cancel(sweep_dir: str, *, wait_s: float = 300.0) -> int:
+    """Cancels every job of the sweep that is not final, on every cluster, from the journal.
 
-    link = controller.links[cluster]
-    if not isinstance(link.backend, SshBackend):
-        return {}
-    for record in controller.state.extra:
-        if record["kind"] == "code" and record["cluster"] == cluster:
-            return {"snapshot": record["snapshot"], "env_dir": record["env_dir"]}
-    link.backend.prepare()  # never submitted there: any snapshot of this code will do
-    return link.backend.code
+    While a launcher runs the sweep, it is the one that cancels: this only asks it (a `cancel`
+    record, which it reads each cycle) and waits until it has, or until it is gone (then this
+    takes over). Writing beside it from an older picture of the sweep is how two writers
+    disagree."""
+    import time
+
+    journal = open_journal(sweep_dir)
+    deadline = time.monotonic() + wait_s
+    asked = False
+    while True:
+        try:
+            journal.lock()
+            break
+        except UserError:
+            pass
+        if not asked:
+            if not journal.replay().cancel_requested:
+                journal.append("cancel", reason="cancelled by `lingua-sweep cancel`")
+            print(f"a launcher is running {journal.dir}: asked it to cancel the sweep",
+                  file=sys.stderr)  # fmt: skip
+            asked = True
+        state = journal.replay()
+        if all(j.final for j in state.jobs.values()) and not state.intents:
+            return _cancelled(state, journal.dir, [])
+        if time.monotonic() >= deadline:
+            print(f"the launcher has not confirmed every cancel after {wait_s:.0f}s; see "
+                  f"`lingua-sweep status {journal.dir}`", file=sys.stderr)  # fmt: skip
+            return 1
+        time.sleep(1.0)
+    try:
+        controller = controller_from_journal(sweep_dir)
+        problems = controller.cancel_all("cancelled by `lingua-sweep cancel`")
+    finally:
+        journal.unlock()
+    return _cancelled(controller.state, controller.sweep_dir, problems)
 
 
-def cancel(sweep_dir: str) -> int:
-    """Cancels every job of the sweep that is not final, on every cluster, from the journal."""
-    controller = controller_from_journal(sweep_dir)
-    for name in {j.cluster for j in controller.open_jobs()} | {
-        i["cluster"] for i in controller.state.intents.values()
-    }:
-        if name in controller.links:
-            controller.links[name].backend.code = _snapshot_of(controller, name)
-    problems = controller.cancel_all("cancelled by `lingua-sweep cancel`")
+def _cancelled(state, sweep_dir: Path, problems: list[str]) -> int:
     for problem in problems:
         print(f"could not cancel on {problem}; run `lingua-sweep cancel` again", file=sys.stderr)
-    cancelled = sum(1 for j in controller.state.jobs.values() if j.state == "CANCELLED")
-    print(f"{cancelled} job(s) cancelled in {controller.sweep_dir}")
+    cancelled = sum(1 for j in state.jobs.values() if j.state == "CANCELLED")
+    print(f"{cancelled} job(s) cancelled in {sweep_dir}")
     return 1 if problems else 0
 
 
 def resume(sweep_dir: str) -> int:
-    """Runs the sweep's own command again on the same sweep dir: it reattaches."""
+    """Runs the sweep's own command again on the same sweep dir, to its end: it reattaches,
+    and collects (a sweep started with detach=true is resumed attached)."""
     journal = open_journal(sweep_dir)
     header = journal.replay().header
-    argv = [a for a in header["argv"] if not a.lstrip("+").startswith("hydra.sweep.dir=")]
-    argv.append(f"hydra.sweep.dir={journal.dir.resolve()}")
+    replaced = ("hydra.sweep.dir=", "hydra.launcher.detach=", "hydra.launcher.resume=")
+    argv = [a for a in header["argv"] if not a.lstrip("+").startswith(replaced)]
+    argv += [f"hydra.sweep.dir={journal.dir.resolve()}", "hydra.launcher.detach=false",
+             "hydra.launcher.resume=true"]  # fmt: skip
     print("resuming:", " ".join(argv), file=sys.stderr)
     cwd = header.get("cwd") or os.getcwd()
     if not Path(cwd).is_dir():

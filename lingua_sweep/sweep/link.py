@@ -1,0 +1,74 @@
+"""A cluster as the controller sees it: its backend, its last probe, whether it answers, and a
+worker thread of its own, so that a slow or hung cluster never stalls the others.
+
+Calls to one cluster run in order on its thread (`start`); their results are applied in the
+launcher's main thread (`collect`), the only one that writes the journal.
+"""
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from lingua_sweep import clusters as cluster_lib
+from lingua_sweep.config import ClusterConfig
+from lingua_sweep.sweep.backends import Backend
+
+BACKOFF_MAX_S = 60.0
+
+
+@dataclass
+class Link:
+    """One cluster; its worker thread is a daemon, so an exit never waits on a hung call."""
+
+    config: ClusterConfig
+    backend: Backend
+    status: cluster_lib.ClusterStatus | None = None
+    unusable: str | None = None  # a reason this sweep cannot use it at all (its data is missing)
+    down_until: float = 0.0
+    failures: int = 0
+    reason: str | None = None  # why it is down, for the live view and status
+    ops: list[tuple[Future, Callable]] = field(default_factory=list)
+    _queue: queue.Queue | None = None
+
+    def down(self, reason: str, poll_s: float) -> None:
+        self.failures += 1
+        self.reason = reason
+        self.down_until = time.monotonic() + min(BACKOFF_MAX_S, poll_s * 2**self.failures)
+
+    def up(self) -> None:
+        self.failures, self.reason, self.down_until = 0, None, 0.0
+
+    @property
+    def available(self) -> bool:
+        return self.unusable is None and time.monotonic() >= self.down_until
+
+    @property
+    def busy(self) -> bool:
+        return any(not f.done() for f, _ in self.ops)
+
+    def start(self, work: Callable[[], Any], then: Callable[[Any], None]) -> None:
+        """Runs work() on this cluster's thread; then(result) runs in the main thread when
+        `collect` finds it done."""
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._worker, daemon=True, name=self.config.name).start()
+        future: Future = Future()
+        self._queue.put((work, future))
+        self.ops.append((future, then))
+
+    def _worker(self) -> None:
+        while True:
+            work, future = self._queue.get()
+            try:
+                future.set_result(work())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                future.set_exception(e)
+
+    def collect(self, wait: bool = False) -> None:
+        while self.ops and (wait or self.ops[0][0].done()):
+            future, then = self.ops.pop(0)
+            then(future.result())

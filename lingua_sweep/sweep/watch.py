@@ -1,0 +1,167 @@
+"""Watching a sweep's jobs: one poll per cluster on its own thread, what it says journaled here.
+
+A poll brings each job's state (and whether it ever ran, from its own status.json), the outcome
+of those that ended, the metrics of running ones, and every active Slurm job carrying the
+sweep's name. Before polling, the cluster's thread sends the scancels still owed: the jobs with
+a `stop` not yet confirmed, and strays. A job with a stop is final (or moved) only when Slurm
+says it ended; a finished job's outputs are brought home before its result is journaled.
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from lingua_sweep.sweep import agent, faultpoint, layout, remote
+from lingua_sweep.sweep import journal as journal_lib
+from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
+from lingua_sweep.sweep.link import Link
+
+log = logging.getLogger(__name__)
+
+
+class Watcher:
+    def __init__(self, controller):
+        self.c = controller
+        self._active_strays: set[str] = set()  # stray ids still active: cancelled each poll
+        self._last_poll: dict[str, float] = {}  # cluster -> when it was last polled
+
+    def poll_request(self, name: str, *, files: bool) -> tuple[list[JobEntry], dict]:
+        c = self.c
+        mine = [j for j in c.open_jobs() if j.cluster == name]
+        request = {
+            "jobs": [
+                {"id": j.job_id, "folder": j.folder, "tasks": j.tasks, "dir": c.job_dir(j)}
+                for j in mine
+            ],  # fmt: skip
+            "files": [c.metrics_path(j) for j in mine if files and j.state == "RUNNING"],
+            "prefix": c.prefix,
+        }
+        return mine, request
+
+    def poll(self) -> None:
+        c = self.c
+        for name, link in c.links.items():
+            if link.busy or not link.available:
+                continue
+            mine, request = self.poll_request(name, files=c.want_metrics)
+            strays = [i for (cl, i), idx in c.state.known_ids.items()
+                      if cl == name and idx is None and i in self._active_strays]  # fmt: skip
+            used = any(cl == name for cl, _ in c.state.known_ids) and link.config.slurm
+            quiet = time.monotonic() - self._last_poll.get(name, -1e9) < c.p.probe_every_s
+            if not mine and not strays and not (used and not quiet):
+                continue  # nothing to watch; now and then a look for strays all the same
+            self._last_poll[name] = time.monotonic()
+            stops = [j.job_id for j in mine if j.stopping] + strays
+            link.start(lambda link=link, request=request, stops=stops:
+                       self._poll_work(link, request, stops),
+                       lambda out, link=link, mine=mine: self._polled(link, mine, out))  # fmt: skip
+
+    def _poll_work(self, link: Link, request: dict, stops: list[str]) -> dict[str, Any]:
+        """On the cluster's thread: scancel what must stop, poll, bring finished jobs' outputs
+        home. Never raises."""
+        c = self.c
+        out: dict[str, Any] = {}
+        if stops:
+            try:
+                link.backend.cancel(stops)
+                out["cancelled"] = stops
+            except remote.RemoteError as e:
+                log.warning("cluster %s: could not cancel %s: %s", link.config.name, stops,
+                            e.reason)  # fmt: skip
+        try:
+            out["reply"] = link.backend.poll(request)
+        except remote.RemoteError as e:
+            out["error"] = e.reason
+            return out
+        for j in request["jobs"]:
+            if j["id"] in out["reply"]["outcomes"] and not link.backend.files_here:
+                faultpoint.hit("fetch")
+                local_dir = c.sweep_dir / j["dir"].rsplit("/", 1)[-1]
+                try:
+                    link.backend.fetch(j["dir"], local_dir)
+                except remote.RemoteError as e:
+                    log.warning("could not fetch outputs of job %s from %s: %s", j["id"],
+                                link.config.name, e.reason)  # fmt: skip
+        return out
+
+    def _polled(self, link: Link, mine: list[JobEntry], out: dict[str, Any]) -> None:
+        c = self.c
+        name = link.config.name
+        if "error" in out:
+            if link.failures == 0:
+                log.warning("cluster %s does not answer (%s); retrying", name, out["error"])
+            link.down(out["error"], c.p.poll_interval_s)
+            return
+        if link.failures:
+            log.info("cluster %s answers again", name)
+        link.up()
+        reply = out["reply"]
+        self._note_strays(name, reply.get("named", {}))
+        for old in mine:
+            job = c.state.jobs[old.index]
+            if job.final or job.job_id != old.job_id:
+                continue  # settled meanwhile (a cancel, a move)
+            outcome = reply["outcomes"].get(job.job_id)
+            if outcome is not None:
+                self.finish(job, outcome)
+                continue
+            info = reply["states"].get(job.job_id, {})
+            state = info.get("state", "UNKNOWN")
+            state = {"COMPLETING": "RUNNING", "CONFIGURING": "PENDING"}.get(state, state)
+            ran = bool(info.get("ran")) and job.started_at is None
+            if ran or (state != job.state and not (state == "UNKNOWN" and job.state != SUBMITTING)):
+                c.record("state", index=job.index, state=state,
+                            reason=info.get("reason") or None, ran=ran or None)  # fmt: skip
+            text = reply["files"].get(c.metrics_path(job))
+            if text:
+                c.metrics[job.index] = text
+
+    def _note_strays(self, cluster: str, named: dict[str, str]) -> None:
+        """Active jobs with this sweep's name: one the journal does not know (and no open
+        intent explains) is a stray: journaled now, cancelled at the next poll."""
+        c = self.c
+        self._active_strays = {i for i in self._active_strays if i in named}
+        for job_id, batch in named.items():
+            key = (cluster, job_id)
+            if key not in c.state.known_ids and batch not in c.state.intents:
+                log.warning("job %s on %s (%s) is not this sweep's to run: cancelling it",
+                            job_id, cluster, batch)  # fmt: skip
+                c.record("stray", cluster=cluster, job_id=job_id, batch=batch,
+                            note="active, unknown to the journal")  # fmt: skip
+            if c.state.known_ids.get(key, -1) is None:
+                self._active_strays.add(job_id)
+
+    def record_strays(self) -> None:
+        """Ids that landed for a job which had moved on (journal `submitted` after the fact)."""
+        c = self.c
+        for (cluster, job_id), batch in list(c.state.strays.items()):
+            c.record("stray", cluster=cluster, job_id=job_id, batch=batch,
+                        note="landed for a job that had moved on")  # fmt: skip
+            self._active_strays.add(job_id)
+
+    def finish(self, job: JobEntry, outcome: dict[str, Any]) -> None:
+        c = self.c
+        local_dir = Path(layout.job_dir(c.sweep_dir, job.index))
+        status, error, step = outcome["status"], outcome.get("error"), outcome.get("step")
+        stop = job.stopping
+        if stop and status != "COMPLETED":  # it ended because we stopped it
+            if stop["status"] == "MOVE":
+                log.info("#%d left %s (job %s): %s", job.index, job.cluster, job.job_id,
+                         stop["note"])  # fmt: skip
+                c.record("moved", index=job.index, cluster=job.cluster, job_id=job.job_id,
+                            to=stop["to"], reason=stop["note"])  # fmt: skip
+                return
+            status, error, step = stop["status"], stop["note"], stop.get("step")
+        if outcome.get("job_return") is not None:
+            c.returns[job.index] = outcome["job_return"]
+        value, pickled = journal_lib.encode_value(outcome.get("value"))
+        faultpoint.hit("poll.final")
+        agent.write_status(local_dir, status=status, error=error, cluster=job.cluster,
+                           **({"step": step} if step is not None else {}))  # fmt: skip
+        c.record("result", index=job.index, status=status, value=value,
+                    value_pickle=pickled, error=error, step=step)  # fmt: skip
+        if status == "FAILED":
+            log.error("#%d on %s (job %s) FAILED: %s", job.index, job.cluster, job.job_id, error)
+        if c.on_result is not None:
+            c.on_result(c.state.jobs[job.index])
