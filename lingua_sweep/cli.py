@@ -5,6 +5,7 @@ lingua-sweep results MULTIRUN_DIR [--format table|md|csv] [--plot PNG] [--output
 lingua-sweep status SWEEP_DIR [--json] [--offline]
 lingua-sweep resume SWEEP_DIR
 lingua-sweep cancel SWEEP_DIR
+lingua-sweep check SWEEP_DIR [--json] [--settle S]
 lingua-sweep login CLUSTER [--config-dir DIR]
 """
 
@@ -135,7 +136,7 @@ def add_results_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_results)
 
 
-# --- a sweep's life: status, resume, cancel; login for clusters that want a password --------
+# --- a sweep's life: status, resume, cancel, check; login for clusters with a password ------
 
 
 def add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
@@ -152,11 +153,29 @@ def add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cancel", help="cancel every job of a sweep that is not finished")
     p.add_argument("sweep_dir", metavar="SWEEP_DIR")
     p.set_defaults(func=lambda a: verbs.cancel(a.sweep_dir))
+    p = sub.add_parser("check", help="a sweep's invariants: its journal against Slurm's records")
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    p.add_argument("--json", action="store_true", help="machine-readable")
+    p.add_argument("--settle", type=float, default=10.0, metavar="S",
+                   help="wait up to S s for sacct to catch up with the journal")  # fmt: skip
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser("login", help="open the shared ssh connection (password/2FA) once")
     p.add_argument("cluster", metavar="CLUSTER")
     p.add_argument("--config-dir", "--conf-dir", dest="conf_dir", action="append", default=[],
                    metavar="DIR")  # fmt: skip
     p.set_defaults(func=cmd_login)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """One line per violation and exit 1, or one `ok: ...` line and exit 0."""
+    from lingua_sweep.sweep import check
+
+    report = check.build_report(args.sweep_dir, settle_s=args.settle)
+    if args.json:
+        print(json.dumps({"ok": not report.violations, **asdict(report)}, indent=1))
+    else:
+        print("\n".join(map(str, report.violations)) or report.summary())
+    return 1 if report.violations else 0
 
 
 def cmd_login(args: argparse.Namespace) -> int:
