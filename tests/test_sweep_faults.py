@@ -1,0 +1,74 @@
+"""The fault campaign's fixed matrix: each fault as it happens in life, on the real testbed, at
+the moment that used to break a sweep; after each, the sweep is resumed and every invariant of
+`lingua-sweep check` holds (see tests/faults/campaign.py; bench/faults.py runs random ones).
+
+The first three are the failures users met; the rest are the scenarios a code read found."""
+
+import pytest
+from faults.campaign import Scenario, run_scenario
+
+MATRIX = [
+    # A busy slurmctld: sbatch answers after the launcher's timeout (8 s), then lands.
+    Scenario("slow sbatch on the ssh cluster", fault="slow_sbatch", seconds=20),
+    # sbatch submits at once but its answer is late: the jobs exist before the launcher knows.
+    Scenario(
+        "slow sbatch answer on alpha", fault="slow_sbatch_after", seconds=14, clusters=("alpha",)
+    ),  # fmt: skip
+    # detach=true, then `lingua-sweep resume` must collect the results.
+    Scenario("detach then resume", fault="detach", resume="cli", clusters=("alpha",)),
+    # kill -9 of an async Optuna sweep over ssh, then `lingua-sweep resume`.
+    Scenario(
+        "async sweep killed after a submission, resumed",
+        sweeper="async",
+        clusters=("alpha", "beta"),
+        interrupt="submit.landed:KILL",
+        resume="cli",
+        jobs=4,
+    ),  # fmt: skip
+    # Ctrl-C while an sbatch is still under way on the ssh cluster.
+    Scenario(
+        "ctrl-c during a slow submit",
+        fault="slow_sbatch",
+        seconds=15,
+        interrupt="submit.sbatch:INT",
+    ),  # fmt: skip
+    # A login script prints after the agent's answer.
+    Scenario("noise after the agent's answer", fault="noisy_agent"),
+    # `lingua-sweep cancel` beside a running launcher, while scancel times out twice.
+    Scenario(
+        "cancel while scancel fails", fault="scancel_refused", at="running", clusters=("alpha",)
+    ),  # fmt: skip
+    Scenario(
+        "resume=false beside a live launcher",
+        fault="resume_false",
+        at="running",
+        clusters=("alpha",),
+    ),  # fmt: skip
+    # The ssh cluster hangs (no reset) while alpha's jobs run and end.
+    Scenario(
+        "ssh hung without a reset",
+        fault="ssh_hung",
+        at="submitted",
+        seconds=40,
+        clusters=("alpha", "beta"),
+        jobs=4,
+    ),  # fmt: skip
+    Scenario(
+        "full disk under the sweep dir", fault="full_disk", at="running", clusters=("alpha",)
+    ),  # fmt: skip
+    Scenario("kill -9 between a job's end and its result", interrupt="poll.final:KILL"),
+    Scenario(
+        "kill -9 between a stop and its scancel",
+        fault="cancel_cli",
+        at="running",
+        interrupt="stop.recorded:KILL",
+        clusters=("alpha",),
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("scenario", MATRIX, ids=[s.name for s in MATRIX])
+def test_fault_scenario_keeps_every_invariant(tmp_path, testbed, scenario):
+    result = run_scenario(testbed, tmp_path, scenario)
+    assert result.violations == [], (result.violations, result.launches)
