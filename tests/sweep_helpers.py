@@ -154,3 +154,18 @@ def status_json(sweep_dir: Path, *args: str) -> dict:
     argv = [LINGUA_SWEEP, "status", str(sweep_dir), "--json", *args]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
     return json.loads(out)
+
+
+def cancel_leftovers(testbed, sweep_dir: Path) -> None:
+    """A failed test's sweep may leave jobs in Slurm: cancel them by the sweep's job names, so
+    they do not hold the testbed's nodes for the tests after it."""
+    records = journal_records(sweep_dir)
+    if not records or records[0]["kind"] != "sweep":
+        return
+    prefix = f"{records[0].get('name')}.{records[0]['id']}."
+    for cluster in ("alpha", "beta"):
+        out = slurm(testbed, cluster, "squeue", "-h", "-o", "%i|%j", check=False)
+        ids = [i for i, _, name in (line.partition("|") for line in out.splitlines())
+               if name.startswith(prefix)]  # fmt: skip
+        if ids:
+            slurm(testbed, cluster, "scancel", *ids, check=False)

@@ -114,3 +114,89 @@ def test_a_second_writer_is_noticed(tmp_path):
     theirs.append("cancel", reason="from another machine")
     assert ours.changed_by_others()
     assert ours.replay().cancel_requested and not ours.changed_by_others()
+
+
+def _submitted(journal: Journal, index: int, job_id: str, batch: str = "b") -> None:
+    journal.append("intent", batch=batch, cluster="alpha", indices=[index], folder="f", tasks=1)
+    journal.append("submitted", batch=batch, cluster="alpha", folder="f", tasks=1,
+                   job_ids={str(index): job_id})  # fmt: skip
+
+
+def test_a_stop_is_not_an_end_until_slurm_confirms_it(tmp_path):
+    journal = Journal(tmp_path)
+    _jobs(journal, 1)
+    _submitted(journal, 0, "5")
+    journal.append("stop", index=0, cluster="alpha", job_id="5", status="PRUNED", note="p", step=4)
+    job = journal.replay().jobs[0]
+    assert not job.final and job.stopping == {
+        "status": "PRUNED",
+        "note": "p",
+        "step": 4,
+        "to": None,
+    }
+    journal.append("result", index=0, status="PRUNED", error="p", step=4)
+    job = journal.replay().jobs[0]
+    assert job.final and job.stopping is None
+
+
+def test_a_moved_job_is_bound_to_where_it_was_moved(tmp_path):
+    journal = Journal(tmp_path)
+    _jobs(journal, 1)
+    _submitted(journal, 0, "5")
+    journal.append("stop", index=0, cluster="alpha", job_id="5", status="MOVE", note="n", to="beta")
+    journal.append("moved", index=0, cluster="alpha", job_id="5", to="beta", reason="pending")
+    job = journal.replay().jobs[0]
+    assert (job.state, job.target, job.stopping) == (QUEUED, "beta", None)
+
+
+def test_a_late_submission_never_reopens_a_final_job_it_is_a_stray(tmp_path):
+    """A cancel ended the job while its sbatch was in flight; the ids arrive afterwards."""
+    journal = Journal(tmp_path)
+    _jobs(journal, 1)
+    journal.append("intent", batch="b", cluster="alpha", indices=[0], folder="f", tasks=1)
+    journal.append("result", index=0, status="CANCELLED", error="Ctrl-C")
+    journal.append("submitted", batch="b", cluster="alpha", folder="f", tasks=1,
+                   job_ids={"0": "9"})  # fmt: skip
+    state = journal.replay()
+    assert state.jobs[0].state == "CANCELLED" and state.jobs[0].job_id is None
+    assert state.strays == {("alpha", "9"): "b"} and state.known_ids == {("alpha", "9"): None}
+    journal.append("stray", cluster="alpha", job_id="9", batch="b", note="cancelled")
+    assert journal.replay().strays == {}
+
+
+@pytest.mark.parametrize(
+    "ids, expected",
+    [
+        (["7_0", "7_1", "7_2"], {"3": "7_0", "4": "7_1", "5": "7_2"}),
+        (["7_0", "7_2"], {"3": "7_0", "5": "7_2"}),  # 7_1 not visible yet: #4 gets nothing
+        (["7_2"], {"5": "7_2"}),
+        (["8"], {}),  # a plain id names no task of a three-job batch
+        (["7_9"], {}),
+    ],
+)
+def test_ids_go_to_jobs_by_array_task_never_by_position(ids, expected):
+    from lingua_sweep.sweep.submit import ids_by_index
+
+    assert ids_by_index([3, 4, 5], ids) == expected
+    assert ids_by_index([3], ["8"]) == {"3": "8"}
+
+
+def test_a_short_write_on_a_full_disk_is_an_error_and_leaves_no_record(tmp_path):
+    """ENOSPC after part of a record: the launcher hears it; replay skips the torn part, and
+    the next record (once there is room) starts on a line of its own."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    from faults.injectors import full_disk
+
+    sweep = tmp_path / "sweep"
+    with full_disk(sweep, size_kb=64, free_kb=4, keep=True):
+        journal = Journal(sweep)
+        _jobs(journal, 1)
+        with pytest.raises(UserError, match="no space left on device"):
+            journal.append("note", text="x" * 10_000)  # 4 KB fit, the rest does not
+    journal = Journal(sweep)
+    assert [r["kind"] for r in journal.records()] == ["sweep", "job"]
+    journal.append("note", text="after")
+    assert [r["kind"] for r in journal.records()] == ["sweep", "job", "note"]

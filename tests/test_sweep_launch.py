@@ -11,6 +11,7 @@ import yaml
 from sweep_helpers import (
     REPO,
     TINY,
+    cancel_leftovers,
     clean_env,
     hold_node,
     journal_records,
@@ -151,6 +152,13 @@ def test_optuna_lr_search_best_is_the_best_row(tmp_path, testbed):
 
 @pytest.mark.slurm
 def test_ctrl_c_cancels_queued_and_running_jobs_on_both_clusters(tmp_path, testbed):
+    try:
+        _ctrl_c_cancels_queued_and_running_jobs(tmp_path, testbed)
+    finally:
+        cancel_leftovers(testbed, tmp_path / "sweep")  # only what the launcher left behind
+
+
+def _ctrl_c_cancels_queued_and_running_jobs(tmp_path, testbed):
     sweep_dir = tmp_path / "sweep"
     cmd = sweep_cmd(testbed, sweep_dir, "optim.lr=1e-3,2e-3,3e-3,4e-3,5e-3,6e-3", "steps=100000",
                     "hydra.launcher.clusters=[alpha,beta]", one_job_per_node(testbed),

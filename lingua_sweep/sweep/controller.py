@@ -332,10 +332,11 @@ class Controller:
         if self.p.max_pending_s is None or self.composer is None:
             return
         now = time.time()
+        seen = self.watcher.pending_seen  # judged on what Slurm said, never on a stale picture
         stuck = [
             j for j in self.jobs("PENDING")
             if j.started_at is None and j.moves == 0 and j.submitted_at and not j.stopping
-            and now - j.submitted_at >= self.p.max_pending_s
+            and seen.get(j.index, 0.0) - j.submitted_at >= self.p.max_pending_s
         ]  # fmt: skip
         if not stuck:
             return

@@ -25,6 +25,7 @@ class Watcher:
         self.c = controller
         self._active_strays: set[str] = set()  # stray ids still active: cancelled each poll
         self._last_poll: dict[str, float] = {}  # cluster -> when it was last polled
+        self.pending_seen: dict[int, float] = {}  # job index -> when a poll last saw it PENDING
 
     def poll_request(self, name: str, *, files: bool) -> tuple[list[JobEntry], dict]:
         c = self.c
@@ -61,7 +62,7 @@ class Watcher:
         """On the cluster's thread: scancel what must stop, poll, bring finished jobs' outputs
         home. Never raises."""
         c = self.c
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"asked_at": time.time()}
         if stops:
             try:
                 link.backend.cancel(stops)
@@ -110,6 +111,10 @@ class Watcher:
             state = info.get("state", "UNKNOWN")
             state = {"COMPLETING": "RUNNING", "CONFIGURING": "PENDING"}.get(state, state)
             ran = bool(info.get("ran")) and job.started_at is None
+            if state == "PENDING" and not info.get("ran"):
+                # Pending as of when this poll was sent, not when its answer was read (a laptop
+                # that slept in between reads an old answer late).
+                self.pending_seen[job.index] = out["asked_at"]
             if ran or (state != job.state and not (state == "UNKNOWN" and job.state != SUBMITTING)):
                 c.record("state", index=job.index, state=state,
                             reason=info.get("reason") or None, ran=ran or None)  # fmt: skip

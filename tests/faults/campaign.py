@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep_helpers import LINGUA_SWEEP, REPO, clean_env, journal_records
+from sweep_helpers import LINGUA_SWEEP, REPO, cancel_leftovers, clean_env, journal_records
 
 from faults import injectors
 from lingua_sweep.sweep import check as check_lib
@@ -129,6 +129,7 @@ def run_scenario(testbed, workdir: Path, sc: Scenario, *, timeout: float = 240) 
         result.violations += [str(v) for v in check_lib.check(sweep_dir, settle_s=15)]
     finally:
         shutil.rmtree(ssh_dir, ignore_errors=True)
+        cancel_leftovers(testbed, sweep_dir)  # a failed scenario must not hold the next's nodes
     result.wall_s = time.monotonic() - t0
     return result
 
