@@ -19,130 +19,19 @@ import contextlib
 import getpass
 import json
 import os
-import re
-import socket
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
+from lingua_sweep.sweep.job import JobTask, last_line
 from lingua_sweep.sweep.layout import STATUS_FILE
 from lingua_sweep.sweep.states import SLURM_ACTIVE, SLURM_ENDED, WHY_FAILED
 
 # sbatch waits this long for slurmctld; a busy one can take minutes (the fence covers that).
 SLURM_TIMEOUT_S = 60.0
-
-
-def write_status(job_dir: Path, **fields: Any) -> None:
-    """status.json beside metrics.jsonl: what `lingua-sweep results` reads, also mid-sweep."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    path = job_dir / STATUS_FILE
-    try:
-        current = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        current = {}
-    current.update(fields, updated=time.time())
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(current, indent=1, default=str))
-    tmp.replace(path)
-
-
-class JobTask:
-    """One fully composed Hydra job, runnable on a compute node without Hydra's config loader.
-
-    Every task of a job (one per GPU) runs it; rank 0 writes status.json. A raised error is
-    raised again after it is recorded, so submitit stores it and Slurm says FAILED.
-    """
-
-    def __init__(self, *, task_function, config, job_num: int, cluster: str, singletons=None):
-        self.task_function = task_function
-        self.config = config
-        self.job_num = job_num
-        self.cluster = cluster
-        # Hydra's global state as the launcher had it (job name, config store), as Hydra's own
-        # launchers hand it to their jobs.
-        self.singletons = singletons
-
-    def __call__(self):
-        import submitit
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import JobStatus, run_job, setup_globals
-        from hydra.types import HydraContext
-        from omegaconf import open_dict
-
-        if self.singletons is not None:
-            Singleton.set_state(self.singletons)
-        setup_globals()
-        os.environ["LINGUA_CLUSTER"] = self.cluster  # any app can tell where it runs
-        env = submitit.JobEnvironment()
-        if env.num_tasks > 1:
-            # One process per GPU: expose torchrun's variables for torch.distributed.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        config = self.config.copy()
-        with open_dict(config.hydra.job):
-            config.hydra.job.id = str(env.job_id)
-            config.hydra.job.num = self.job_num
-        job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-        main = env.global_rank == 0
-        if main:
-            write_status(
-                job_dir, status="RUNNING", job_id=str(env.job_id), cluster=self.cluster,
-                host=socket.gethostname(), started=time.time(), tasks=env.num_tasks,
-            )  # fmt: skip
-        context = HydraContext(config_loader=None, callbacks=_no_callbacks())
-        ret = run_job(
-            hydra_context=context,
-            task_function=self.task_function,
-            config=config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
-        if ret.status != JobStatus.FAILED:
-            if main:
-                write_status(job_dir, status="COMPLETED", error=None, finished=time.time())
-            return ret  # the whole JobReturn (configs, working dir) for Hydra's sweepers
-        error = ret._return_value
-        previous_handler = getattr(error, "previous_handler", None)  # trainer's Preempted
-        if callable(previous_handler):
-            if main:
-                write_status(job_dir, status="PREEMPTED", error=str(error))
-            previous_handler(error.signum, None)  # submitit: requeue, then exit
-        if main:
-            write_status(
-                job_dir, status="FAILED", error=error_line(error), finished=time.time(),
-                traceback="".join(traceback.format_exception(error)),
-            )  # fmt: skip
-        raise error
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-
-        # Requeue the same job: the trainer resumes from its own latest checkpoint.
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-def _no_callbacks():
-    from hydra._internal.callbacks import Callbacks
-
-    return Callbacks(config=None)
-
-
-def error_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def last_line(traceback_text: str) -> str:
-    """The exception line of a formatted traceback: what went wrong, without the frames."""
-    lines = [line for line in traceback_text.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if not line.startswith((" ", "\t")) and ":" in line:
-            # `pkg.module.SomeError: message` -> `SomeError: message`
-            return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=\w+(?:Error|Exception)?:)", "", line.strip())
-    return lines[-1].strip() if lines else "unknown error"
 
 
 # --- submitting -----------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from typing import Any
 from hydra.core.singleton import Singleton
 
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import agent, dispatch, faultpoint, layout, remote
+from lingua_sweep.sweep import dispatch, faultpoint, layout, remote
 from lingua_sweep.sweep.compose import is_trainer_config
+from lingua_sweep.sweep.job import JobTask
 from lingua_sweep.sweep.journal import JobEntry
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Batch:
     fence: str
     tasks: int
     remote_dirs: dict[str, str] | None
-    work: list[agent.JobTask] = field(repr=False, default_factory=list)
+    work: list[JobTask] = field(repr=False, default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
 
     def intent(self) -> dict[str, Any]:
@@ -83,9 +84,9 @@ class Submitter:
         work, remote_dirs = [], {}
         for job in share:
             config = c.config_for(job, cl, base)
-            work.append(agent.JobTask(task_function=c.task_function, config=config,
-                                      job_num=job.index, cluster=cl.name,
-                                      singletons=singletons))  # fmt: skip
+            work.append(JobTask(task_function=c.task_function, config=config,
+                                job_num=job.index, cluster=cl.name,
+                                singletons=singletons))  # fmt: skip
             if not link.backend.files_here:
                 remote_dirs[str(job.index)] = layout.job_dir(base, job.index)
         # The journal's size is a serial number: every batch follows a record of its own.
@@ -103,8 +104,8 @@ class Submitter:
         """Whether the cluster can take these jobs now: its code prepared and their data there.
         Unknown yet: the check starts on its thread (nothing is journaled until it is known)."""
         keys = [self._data_key(link, c) for c in configs]
-        if all(k in self.data_checked for k in keys) and (link.backend.code or
-                                                          link.backend.files_here):  # fmt: skip
+        prepared = bool(link.backend.code) or link.backend.files_here
+        if prepared and all(k in self.data_checked for k in keys):
             problem = next((self.data_checked[k] for k in keys if self.data_checked[k]), None)
             if problem:
                 log.error("cluster %s cannot run this sweep: %s", link.config.name, problem)

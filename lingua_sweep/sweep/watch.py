@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lingua_sweep.sweep import agent, faultpoint, layout, remote
+from lingua_sweep.sweep import faultpoint, layout, remote
+from lingua_sweep.sweep import job as job_lib
 from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.link import Link
@@ -117,7 +118,7 @@ class Watcher:
                 self.pending_seen[job.index] = out["asked_at"]
             if ran or (state != job.state and not (state == "UNKNOWN" and job.state != SUBMITTING)):
                 c.record("state", index=job.index, state=state,
-                            reason=info.get("reason") or None, ran=ran or None)  # fmt: skip
+                         reason=info.get("reason") or None, ran=ran or None)  # fmt: skip
             text = reply["files"].get(c.metrics_path(job))
             if text:
                 c.metrics[job.index] = text
@@ -133,7 +134,7 @@ class Watcher:
                 log.warning("job %s on %s (%s) is not this sweep's to run: cancelling it",
                             job_id, cluster, batch)  # fmt: skip
                 c.record("stray", cluster=cluster, job_id=job_id, batch=batch,
-                            note="active, unknown to the journal")  # fmt: skip
+                         note="active, unknown to the journal")  # fmt: skip
             if c.state.known_ids.get(key, -1) is None:
                 self._active_strays.add(job_id)
 
@@ -142,7 +143,7 @@ class Watcher:
         c = self.c
         for (cluster, job_id), batch in list(c.state.strays.items()):
             c.record("stray", cluster=cluster, job_id=job_id, batch=batch,
-                        note="landed for a job that had moved on")  # fmt: skip
+                     note="landed for a job that had moved on")  # fmt: skip
             self._active_strays.add(job_id)
 
     def finish(self, job: JobEntry, outcome: dict[str, Any]) -> None:
@@ -155,17 +156,17 @@ class Watcher:
                 log.info("#%d left %s (job %s): %s", job.index, job.cluster, job.job_id,
                          stop["note"])  # fmt: skip
                 c.record("moved", index=job.index, cluster=job.cluster, job_id=job.job_id,
-                            to=stop["to"], reason=stop["note"])  # fmt: skip
+                         to=stop["to"], reason=stop["note"])  # fmt: skip
                 return
             status, error, step = stop["status"], stop["note"], stop.get("step")
         if outcome.get("job_return") is not None:
             c.returns[job.index] = outcome["job_return"]
         value, pickled = journal_lib.encode_value(outcome.get("value"))
         faultpoint.hit("poll.final")
-        agent.write_status(local_dir, status=status, error=error, cluster=job.cluster,
-                           **({"step": step} if step is not None else {}))  # fmt: skip
+        job_lib.write_status(local_dir, status=status, error=error, cluster=job.cluster,
+                             **({"step": step} if step is not None else {}))  # fmt: skip
         c.record("result", index=job.index, status=status, value=value,
-                    value_pickle=pickled, error=error, step=step)  # fmt: skip
+                 value_pickle=pickled, error=error, step=step)  # fmt: skip
         if status == "FAILED":
             log.error("#%d on %s (job %s) FAILED: %s", job.index, job.cluster, job.job_id, error)
         if c.on_result is not None:
