@@ -35,6 +35,7 @@ from lingua_sweep.sweep.launch import (
     SweepFailed,
     build_controller,
     cancel_on_ctrl_c,
+    interruptible,
     one_line_errors,
 )
 from lingua_sweep.sweep.monitor import Monitor
@@ -75,6 +76,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
             )
 
     def sweep(self, arguments: list[str]) -> None:
+        interruptible()
         with one_line_errors():
             self._sweep(list(arguments))
 

@@ -26,7 +26,7 @@ import cloudpickle
 
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import agent, remote
+from lingua_sweep.sweep import agent, job, remote
 
 T = TypeVar("T")
 RETRY_DELAYS_S = (1.0, 3.0)  # then the controller marks the cluster unreachable for a while
@@ -40,7 +40,7 @@ class Backend(Protocol):
     def prepare(self) -> None:
         """Everything needed before the first submission (code, environment); idempotent."""
 
-    def submit(self, tasks: list[agent.JobTask], *, folder: str, params: dict, batch: str,
+    def submit(self, tasks: list[job.JobTask], *, folder: str, params: dict, batch: str,
                fence: str) -> dict[str, Any]: ...  # fmt: skip
 
     def resolve(self, batch: str, fence: str, *, since: float | None = None,
@@ -169,8 +169,11 @@ class AgentBackend:
     def _agent(self, args: list[str], stdin: bytes | None = None) -> str:
         if not self.over_ssh:  # the cluster's Slurm answers here: the agent runs here
             argv = [sys.executable, "-m", "lingua_sweep.sweep.agent", *args]
+            # A submission past its deadline is left to finish (behind its fence), as one on a
+            # login node goes on when its ssh is cut.
+            abandon = args[0] == "submit"
             return remote.run(argv, login=None, env=self.cluster.env, timeout=self.timeout,
-                              input=stdin).stdout  # fmt: skip
+                              input=stdin, abandon_on_timeout=abandon).stdout  # fmt: skip
         self.prepare()  # a no-op once the sweep's snapshot is known (recorded in the journal)
         command = (
             f"{self._environment()} && "

@@ -8,6 +8,7 @@ reattaches to the sweep instead of starting it again.
 
 import contextlib
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -103,7 +104,15 @@ def one_line_errors():
         ) from None
 
 
+def interruptible() -> None:
+    """SIGINT is a Ctrl-C (cancel everything, exit 130) even for a launcher started in the
+    background of a script, which inherits SIGINT ignored: `kill -INT` must still stop it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> list[JobReturn]:
+    interruptible()
     with one_line_errors():
         return _launch(launcher, p, job_overrides, initial_job_idx)
 

@@ -112,8 +112,12 @@ def run(
     input: bytes | str | None = None,
     env: Mapping[str, str] | None = None,
     check: bool = True,
+    abandon_on_timeout: bool = False,
 ) -> subprocess.CompletedProcess:
     """Runs argv here (login=None) or on `login` over ssh; stdout/stderr come back as text.
+
+    On timeout the command is killed, or, with `abandon_on_timeout`, left to finish on its own
+    (an sbatch killed halfway may still land; one left running holds its fence until it has).
 
     `env` adds variables: merged over this process's environment locally, or set with `env` in
     front of the remote command. Raises RemoteError when it times out, cannot start, or (with
@@ -149,11 +153,14 @@ def run(
     try:
         out, err = proc.communicate(data, timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        try:
-            out, err = proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:  # a grandchild outside the group holds the pipes
-            out, err = b"", b""
+        if abandon_on_timeout and not login:
+            err = b""  # it goes on in its own session; its answer is read from the fence
+        else:
+            _kill_group(proc)
+            try:
+                out, err = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:  # a grandchild outside the group holds the pipes
+                out, err = b"", b""
         raise RemoteError(
             command=command,
             login=login,
