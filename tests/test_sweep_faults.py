@@ -72,3 +72,24 @@ MATRIX = [
 def test_fault_scenario_keeps_every_invariant(tmp_path, testbed, scenario):
     result = run_scenario(testbed, tmp_path, scenario)
     assert result.violations == [], (result.violations, result.launches)
+
+
+@pytest.mark.slurm
+def test_a_hung_cluster_never_stalls_the_other(tmp_path, testbed):
+    """beta's login node hangs without a reset (sshd frozen) for 30 s while both clusters have
+    jobs: alpha's are polled, finish and are journaled during the hang; beta's after it."""
+    from sweep_helpers import journal_records
+
+    scenario = Scenario("ssh hung without a reset", fault="ssh_hung", at="submitted",
+                        seconds=30, clusters=("alpha", "beta"), jobs=4, sleep_s=2)  # fmt: skip
+    result = run_scenario(testbed, tmp_path, scenario)
+    assert result.violations == [], (result.violations, result.launches)
+    start, end = result.fault_window
+    records = journal_records(tmp_path / "sweep")
+    cluster_of = {}
+    for r in records:
+        if r["kind"] == "submitted":
+            cluster_of.update(dict.fromkeys(map(int, r["job_ids"]), r["cluster"]))
+    ended = {r["index"]: r["t"] for r in records if r["kind"] == "result"}
+    alpha = [ended[i] for i, c in cluster_of.items() if c == "alpha"]
+    assert alpha and all(start < t < end for t in alpha), (start, end, ended, cluster_of)

@@ -61,6 +61,7 @@ class Result:
     violations: list[str] = field(default_factory=list)
     launches: list[tuple[int, str]] = field(default_factory=list)  # (exit code, stderr tail)
     wall_s: float = 0.0
+    fault_window: tuple[float, float] | None = None  # when the fault was on (epoch s)
 
 
 def sweep_command(sc: Scenario, testbed, sweep_dir: Path, conf: Path, *extra: str) -> list[str]:
@@ -69,6 +70,8 @@ def sweep_command(sc: Scenario, testbed, sweep_dir: Path, conf: Path, *extra: st
            f"hydra.searchpath=[file://{conf}]", f"hydra.launcher.clusters=[{clusters}]",
            "hydra.launcher.poll_interval_s=0.5", "hydra.launcher.probe_every_s=2",
            "hydra.launcher.remote_timeout_s=8", f"hydra.sweep.dir={sweep_dir}",
+           # A whole node per job: two at a time per cluster, so both clusters get work.
+           f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}",
            f"sleep_s={sc.sleep_s}"]  # fmt: skip
     if sc.sweeper == "async":
         cmd += ["hydra/sweeper=async_optuna", f"hydra.sweeper.n_trials={sc.jobs}",
@@ -109,6 +112,7 @@ def run_scenario(testbed, workdir: Path, sc: Scenario, *, timeout: float = 240) 
                 result.violations.append(f"I8 the launcher did not end within {timeout:g}s")
             fault.stop()
             result.violations += fault.problems
+            result.fault_window = fault.window
         result.launches.append((proc.returncode, err[-2000:]))
         killed = proc.returncode == -9
         if not killed:
@@ -201,6 +205,7 @@ class _FaultThread(threading.Thread):
         self.ssh_dir, self.cmd, self.env, self.disk = ssh_dir, cmd, env, disk
         self.done = threading.Event()
         self.problems: list[str] = []
+        self.window: tuple[float, float] | None = None
 
     def stop(self) -> None:
         self.done.set()
@@ -222,10 +227,12 @@ class _FaultThread(threading.Thread):
     def run(self) -> None:
         if self.sc.fault in ("none", "detach", "noisy_agent") or not self._moment():
             return
+        start = time.time()
         try:
             self._apply()
         except Exception as e:  # noqa: BLE001 - a broken injector is a finding, not a crash
             self.problems.append(f"fault {self.sc.fault} could not be applied: {e}")
+        self.window = (start, time.time())
 
     def _hold(self) -> None:
         self.done.wait(self.sc.seconds)
