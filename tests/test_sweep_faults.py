@@ -44,15 +44,6 @@ MATRIX = [
         at="running",
         clusters=("alpha",),
     ),  # fmt: skip
-    # The ssh cluster hangs (no reset) while alpha's jobs run and end.
-    Scenario(
-        "ssh hung without a reset",
-        fault="ssh_hung",
-        at="submitted",
-        seconds=40,
-        clusters=("alpha", "beta"),
-        jobs=4,
-    ),  # fmt: skip
     Scenario(
         "full disk under the sweep dir", fault="full_disk", at="running", clusters=("alpha",)
     ),  # fmt: skip

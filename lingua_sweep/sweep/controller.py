@@ -325,7 +325,7 @@ class Controller:
     def metrics_path(self, job: JobEntry) -> str:
         return f"{self.job_dir(job)}/{layout.METRICS_FILE}"
 
-    def poll_request(self, name: str, *, files: bool) -> tuple[list[JobEntry], dict]:
+    def poll_request(self, name: str, *, files: str | None) -> tuple[list[JobEntry], dict]:
         return self.watcher.poll_request(name, files=files)
 
     def _move_long_pending(self) -> None:

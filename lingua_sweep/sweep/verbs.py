@@ -56,7 +56,7 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
     unreachable = {}
     if not offline:
         for name, link in controller.links.items():
-            mine, request = controller.poll_request(name, files=True)
+            mine, request = controller.poll_request(name, files="open")
             if not mine:
                 continue
             try:

@@ -28,7 +28,9 @@ class Watcher:
         self._last_poll: dict[str, float] = {}  # cluster -> when it was last polled
         self.pending_seen: dict[int, float] = {}  # job index -> when a poll last saw it PENDING
 
-    def poll_request(self, name: str, *, files: bool) -> tuple[list[JobEntry], dict]:
+    def poll_request(self, name: str, *, files: str | None) -> tuple[list[JobEntry], dict]:
+        """The poll of one cluster's open jobs; `files`: whose metrics to bring, "running" (the
+        launcher, which saw them start) or "open" (`status`, which may not have)."""
         c = self.c
         mine = [j for j in c.open_jobs() if j.cluster == name]
         request = {
@@ -36,7 +38,11 @@ class Watcher:
                 {"id": j.job_id, "folder": j.folder, "tasks": j.tasks, "dir": c.job_dir(j)}
                 for j in mine
             ],  # fmt: skip
-            "files": [c.metrics_path(j) for j in mine if files and j.state == "RUNNING"],
+            "files": [
+                c.metrics_path(j)
+                for j in mine
+                if files == "open" or (files == "running" and j.state == "RUNNING")
+            ],
             "prefix": c.prefix,
         }
         return mine, request
@@ -46,7 +52,7 @@ class Watcher:
         for name, link in c.links.items():
             if link.busy or not link.available:
                 continue
-            mine, request = self.poll_request(name, files=c.want_metrics)
+            mine, request = self.poll_request(name, files="running" if c.want_metrics else None)
             strays = [i for (cl, i), idx in c.state.known_ids.items()
                       if cl == name and idx is None and i in self._active_strays]  # fmt: skip
             used = any(cl == name for cl, _ in c.state.known_ids) and link.config.slurm
