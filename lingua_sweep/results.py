@@ -27,6 +27,7 @@ import yaml
 from lingua_sweep import metrics as metrics_lib
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep.journal import JobEntry, Journal, SweepState
+from lingua_sweep.sweep.layout import job_dir
 
 STATUSES = ("COMPLETED", "FAILED", "PRUNED", "CANCELLED", "RUNNING", "PREEMPTED", "PENDING",
             "UNKNOWN")  # fmt: skip
@@ -139,7 +140,7 @@ def find_job_dirs(sweep: Path, also: Iterable[int] = ()) -> dict[int, Path]:
         for p in sweep.iterdir()
         if p.is_dir() and p.name.isdigit() and _looks_like_job(p)
     }
-    jobs |= {num: sweep / str(num) for num in also if num not in jobs}
+    jobs |= {num: Path(job_dir(sweep, num)) for num in also if num not in jobs}
     if jobs:
         return dict(sorted(jobs.items()))
     message = f"{sweep} is not a sweep dir: no job subdirectories 0/, 1/, ... with Hydra output"

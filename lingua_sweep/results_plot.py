@@ -5,6 +5,7 @@ from pathlib import Path
 from lingua_sweep.errors import UserError
 from lingua_sweep.results import JobResult, finite, read_metrics
 from lingua_sweep.results_table import fmt_param
+from lingua_sweep.sweep.layout import METRICS_FILE, job_dir
 
 # --- plot ------------------------------------------------------------------------------------
 
@@ -74,7 +75,7 @@ def _plot_curves(ax, rows: list[JobResult], sweep_dir: Path) -> None:
         short = {k: k for k in keys}
     drawn = False
     for i, r in enumerate(rows):
-        metrics = read_metrics(sweep_dir / str(r.job) / "metrics.jsonl")
+        metrics = read_metrics(Path(job_dir(sweep_dir, r.job)) / METRICS_FILE)
         label = ", ".join(f"{short[k]}={fmt_param(v)}" for k, v in r.params.items())
         label = label or f"job {r.job}"
         pruned = r.status == "PRUNED"

@@ -89,7 +89,7 @@ def build_report(
            for slurm, why in unreachable.items()]  # fmt: skip
     out += orphans(c) + leftovers(c) + reruns(c) + final_states(c, settle_s)
     for index, job in sorted(c.state.jobs.items()):
-        out += outputs(journal.dir / str(index), index, job, c)
+        out += outputs(Path(layout.job_dir(journal.dir, index)), index, job, c)
     if (journal.dir / "optuna.db").exists() and c.state.header.get("study"):
         out += study(journal.dir, c)
     return Report(

@@ -15,6 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from lingua_sweep.metrics import parse_records
+from lingua_sweep.sweep import layout
 from lingua_sweep.sweep.journal import FINAL
 
 PLAIN_EVERY_S = 30.0
@@ -59,7 +60,7 @@ def job_rows(state, sweep_dir: Path, live_metrics: dict[int, str], totals: dict[
     for job in jobs:
         text = live_metrics.get(job.index)
         if text is None:
-            path = sweep_dir / str(job.index) / "metrics.jsonl"
+            path = Path(layout.job_dir(sweep_dir, job.index)) / layout.METRICS_FILE
             text = path.read_text(errors="replace") if path.exists() else None
         step, loss = progress(text)
         if job.result and job.result.get("step") is not None:

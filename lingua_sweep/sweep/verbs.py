@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import remote
+from lingua_sweep.sweep import layout, remote
 from lingua_sweep.sweep.controller import Controller
 from lingua_sweep.sweep.journal import Journal
 from lingua_sweep.sweep.monitor import job_rows, render, totals_line
@@ -95,7 +95,7 @@ def _total_steps(controller: Controller) -> dict[int, int]:
     """Each job's `steps`, from the resolved config the trainer wrote in its dir (if any)."""
     out = {}
     for index in controller.state.jobs:
-        path = controller.sweep_dir / str(index) / ".hydra" / "config.yaml"
+        path = Path(layout.job_dir(controller.sweep_dir, index)) / ".hydra" / "config.yaml"
         try:
             steps = OmegaConf.load(path).get("steps")
         except (OSError, ValueError, AttributeError):
