@@ -185,3 +185,30 @@ def _ctrl_c_cancels_queued_and_running_jobs(tmp_path, testbed):
         assert jobs and set(jobs.values()) == {"CANCELLED"}, (cluster, jobs)
     finals = {r["index"]: r["status"] for r in journal_records(sweep_dir) if r["kind"] == "result"}
     assert finals == dict.fromkeys(range(6), "CANCELLED")
+
+
+def test_resume_false_starts_afresh_and_keeps_the_earlier_sweep_aside(tmp_path):
+    """A new sweep in the same dir never resumes the earlier one's checkpoints, journal or
+    study: they move to previous-<time>/, whole."""
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable, str(REPO / "train.py"), "-m", *TINY, "logging.wandb=null", "steps=4",
+        "checkpoint.dump.every=2", "optim.lr=1e-3", "hydra/launcher=multicluster",
+        "hydra.launcher.clusters=[local]", "hydra.launcher.poll_interval_s=0.5",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    first = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    old_id = journal_records(sweep)[0]["id"]
+    assert any((sweep / "0" / "checkpoints").iterdir())
+    started = time.time()
+    again = subprocess.run([*cmd, "hydra.launcher.resume=false"], cwd=tmp_path, env=clean_env(),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    (aside,) = sweep.glob("previous-*")
+    assert journal_records(aside)[0]["id"] == old_id != journal_records(sweep)[0]["id"]
+    assert (aside / "0" / "metrics.jsonl").exists()
+    records = [json.loads(line) for line in (sweep / "0" / "metrics.jsonl").open()]
+    # Trained from step 0 in this run: no record of the earlier one, none resumed at step 4.
+    assert records[0]["step"] == 0 and all(r["time"] >= started for r in records)
