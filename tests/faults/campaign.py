@@ -277,20 +277,35 @@ class _FaultThread(threading.Thread):
             self.problems += [f"I7 lingua-sweep cancel: {p}" for p in
                               injectors.exit_problems(done.returncode, done.stderr)]  # fmt: skip
         elif f == "resume_false":
-            before = (self.sweep_dir / "journal.jsonl").read_bytes()
-            other = subprocess.run([*self.cmd, "hydra.launcher.resume=false"], env=self.env,
-                                   capture_output=True, text=True, timeout=120)  # fmt: skip
-            # A Hydra app that is not the trainer: Hydra prints the one line and exits 1.
-            if (other.returncode not in (1, 2) or "already being run by" not in other.stderr
-                    or injectors.exit_problems(other.returncode, other.stderr)):  # fmt: skip
-                self.problems.append(f"resume=false beside a live launcher: exit "
-                                     f"{other.returncode}, {other.stderr[-300:]!r}")  # fmt: skip
-            if not (self.sweep_dir / "journal.jsonl").read_bytes().startswith(before):
-                self.problems.append("resume=false beside a live launcher changed its journal")
+            self._resume_false()
         elif f == "full_disk":
             self.disk.fill()
         else:
             raise ValueError(f"unknown fault {f!r}")
+
+    def _resume_false(self) -> None:
+        """The same command with resume=false beside the sweep: refused in one line while a
+        launcher runs it or it has jobs not final, its journal untouched; a fresh start only
+        once it has ended."""
+        journal = self.sweep_dir / "journal.jsonl"
+        before = journal.read_bytes()
+        other = subprocess.run([*self.cmd, "hydra.launcher.resume=false"], env=self.env,
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        if other.returncode == 0:
+            if check_lib.launcher_running(self.sweep_dir):
+                self.problems.append("resume=false started afresh beside a live launcher")
+            return  # the sweep had ended (or its launcher died with every job final)
+        # A Hydra app that is not the trainer: Hydra prints the one line and exits 1.
+        said = "already being run by" in other.stderr or "not final" in other.stderr
+        if (
+            other.returncode not in (1, 2)
+            or not said
+            or injectors.exit_problems(other.returncode, other.stderr)
+        ):
+            self.problems.append(f"resume=false beside a sweep: exit {other.returncode}, "
+                                 f"{other.stderr[-300:]!r}")  # fmt: skip
+        if not journal.read_bytes().startswith(before):
+            self.problems.append("a refused resume=false changed the sweep's journal")
 
 
 def summary_line(results: list[Result]) -> str:
