@@ -128,23 +128,23 @@ def test_a_preempted_job_is_requeued_and_resumes_exactly(tmp_path, testbed):
 
 def test_the_wandb_key_is_never_written_or_printed(tmp_path):
     # Made up at run time: a marker to search for, never a real key, never in the source.
-    secret = f"marker-{uuid.uuid4().hex}"
+    marker = f"marker-{uuid.uuid4().hex}"
     cmd = [
         sys.executable, str(REPO / "train.py"), "-m", *TINY, "steps=4",
         "logging.wandb.mode=offline", "optim.lr=1e-3,3e-3", "hydra/launcher=multicluster",
         "hydra.launcher.clusters=[local]", "hydra.launcher.poll_interval_s=0.5",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]  # fmt: skip
-    env = clean_env(WANDB_API_KEY=secret)
+    env = clean_env(WANDB_API_KEY=marker)
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert secret not in result.stdout + result.stderr
+    assert marker not in result.stdout + result.stderr
     found = []
     for root, _, files in os.walk(tmp_path / "sweep"):
         for name in files:
             path = Path(root) / name
-            if secret.encode() in path.read_bytes():
+            if marker.encode() in path.read_bytes():
                 found.append(str(path))
     assert not found, found
-    assert os.environ.get("WANDB_API_KEY") != secret  # the test process was not changed
+    assert os.environ.get("WANDB_API_KEY") != marker  # the test process was not changed

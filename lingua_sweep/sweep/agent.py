@@ -172,21 +172,23 @@ def slurm_states(ids: list[str], prefix: str | None = None) -> tuple[dict, dict[
         asked = dict.fromkeys([*rest, *(i.split("_")[0] for i in rest if "_" in i)])
         argv = ["sacct", "-X", "-n", "-P", "-j", ",".join(asked), "-o", "JobID,State,ExitCode"]
         out = _slurm(argv)
-        whole = {}  # an array cancelled before Slurm split it has one line, its base id
+        ended: dict[str, dict[str, str]] = {}
         for line in out.splitlines():
             parts = line.strip().split("|")
-            if len(parts) != 3:
-                continue
-            state = {"state": parts[1].split()[0], "exit": parts[2]}
-            whole[parts[0]] = state
-            for job_id in expand_array(parts[0]):  # never-started tasks share one line
-                if job_id in wanted and job_id not in found:
-                    found[job_id] = state
+            if len(parts) == 3:
+                state = {"state": parts[1].split()[0], "exit": parts[2]}
+                ended.update(dict.fromkeys(expand_array(parts[0]), state))
         for job_id in rest:
-            base = job_id.split("_")[0]
-            if job_id not in found and "_" in job_id and base in whole:
-                found[job_id] = whole[base]
+            state = by_id(ended, job_id)
+            if state is not None:
+                found[job_id] = state
     return {i: found.get(i, {"state": "UNKNOWN"}) for i in ids}, named
+
+
+def by_id(rows: dict[str, Any], job_id: str) -> Any:
+    """A job's sacct row; an array task of an array cancelled before Slurm split it has only
+    its base id's (one line for the whole array)."""
+    return rows.get(job_id) or (rows.get(job_id.split("_")[0]) if "_" in job_id else None)
 
 
 def expand_array(job_id: str) -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from lingua_sweep.sweep import layout, remote
-from lingua_sweep.sweep.agent import expand_array
+from lingua_sweep.sweep.agent import by_id, expand_array
 from lingua_sweep.sweep.journal import LOCK_FILE, JobEntry, apply, replay
 from lingua_sweep.sweep.states import SLURM_ENDED, SLURM_RAN, agrees
 
@@ -161,7 +161,7 @@ class Facts:
 
     def sacct_state(self, cluster: str, job_id: str) -> str | None:
         slurm, job_id = self.key(cluster, job_id)
-        row = lookup(self.sacct.get(slurm, {}), job_id)
+        row = by_id(self.sacct.get(slurm, {}), job_id)
         return row[1].split()[0] if row else None  # "CANCELLED by 0" -> CANCELLED
 
 
@@ -331,11 +331,11 @@ def ask_slurms(c: Facts, settle_s: float, run_slurm: RunSlurm):
             try:
                 sacct[slurm] = rows(run_slurm(cfg, [*SACCT, "-S", since]), c.prefix)
                 # A time window leaves out a job cancelled before it was eligible: by id, then.
-                unseen = [i for s, i in c.known if s == slurm and not lookup(sacct[slurm], i)]
+                unseen = [i for s, i in c.known if s == slurm and not by_id(sacct[slurm], i)]
                 if unseen:
                     ids = dict.fromkeys([*unseen, *(i.split("_")[0] for i in unseen)])
-                    by_id = run_slurm(cfg, [*SACCT, "-j", ",".join(ids)])
-                    sacct[slurm].update(rows(by_id, c.prefix))
+                    listed = run_slurm(cfg, [*SACCT, "-j", ",".join(ids)])
+                    sacct[slurm].update(rows(listed, c.prefix))
                 squeue[slurm] = rows(run_slurm(cfg, SQUEUE), c.prefix)
             except remote.RemoteError as e:
                 unreachable[slurm] = e.reason
@@ -351,10 +351,7 @@ def lagging(slurm: str, sacct: Rows, squeue: Rows, c: Facts) -> bool:
     """Whether sacct does not know yet that a job the journal says ended has ended (or squeue
     shows one of the sweep's jobs COMPLETING, on its way out)."""
     for s, job_id in c.ended:
-        if (
-            s == slurm
-            and (lookup(sacct, job_id) or ("", "PENDING"))[1].split()[0] not in SLURM_DONE
-        ):
+        if s == slurm and (by_id(sacct, job_id) or ("", "PENDING"))[1].split()[0] not in SLURM_DONE:
             return True
     return any(state == "COMPLETING" for _, state in squeue.values())
 
@@ -370,11 +367,6 @@ def rows(text: str, prefix: str) -> Rows:
             for job_id in expand_array(parts[0]):
                 out[job_id] = (name, parts[-1])
     return out
-
-
-def lookup(rows: Rows, job_id: str) -> tuple[str, str] | None:
-    """A job's row; an array task of an array cancelled before Slurm split it has its base's."""
-    return rows.get(job_id) or (rows.get(job_id.split("_")[0]) if "_" in job_id else None)
 
 
 def default_run_slurm(cfg: dict, argv: list[str]) -> str:
