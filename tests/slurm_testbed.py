@@ -13,6 +13,11 @@ It runs, as root and on loopback only, everything a small Slurm site has:
   127.0.0.1 whose sessions get SLURM_CONF=beta's slurm.conf (so `ssh beta-hn sinfo` is "the login
   node of beta"). `<state>/ssh_config` defines the `beta-hn` alias with a generated key.
 
+Shared-cluster shapes: partition `urgent` (over each cluster's batch nodes) preempts `batch`
+(alpha: PreemptMode=CANCEL, beta: REQUEUE; 10 s GraceTime); limits are enforced
+(AccountingStorageEnforce) and QOS `capped` is root's to use, limits set by the tests that use
+it; `set_slurm_conf` changes a setting such as MaxArraySize and restarts that slurmctld.
+
 Every node declares 8 CPUs, whatever the machine has, so a job may run 8 tasks per node. Node
 names resolve to 127.0.0.1 while the testbed runs, through a marked block in /etc/hosts, as they
 do on a real cluster: torch's rendezvous dials the job's first node by name.
@@ -57,11 +62,26 @@ PORTS = {
 CPU_PARTITION = "batch"  # on both clusters; the default one
 # Not `gpu`: test_clusters uses that name for a partition that does not exist.
 GPU_PARTITION = "gpus"  # alpha only
+# `urgent` covers the CPU nodes of a cluster and preempts `batch` there (partition_prio), as a
+# shared cluster's high-priority partition does to its scavenger one: on alpha the preempted job
+# is cancelled (ends PREEMPTED), on beta Slurm requeues it.
+URGENT_PARTITION = "urgent"
 PARTITIONS = {
-    "alpha": {CPU_PARTITION: ["alpha1", "alpha2"], GPU_PARTITION: ["alpha3", "alpha4"]},
-    "beta": {CPU_PARTITION: ["beta1", "beta2"]},
+    "alpha": {
+        CPU_PARTITION: ["alpha1", "alpha2"], GPU_PARTITION: ["alpha3", "alpha4"],
+        URGENT_PARTITION: ["alpha1", "alpha2"],
+    },
+    "beta": {CPU_PARTITION: ["beta1", "beta2"], URGENT_PARTITION: ["beta1", "beta2"]},
+}  # fmt: skip
+PREEMPT_MODE = {"alpha": "CANCEL", "beta": "REQUEUE"}  # of each cluster's `batch` partition
+PREEMPT_GRACE_S = 10  # SIGTERM, then this long to checkpoint, then SIGKILL
+# A QOS with the per-user limits of a shared cluster (MaxJobsPerUser etc. set by the test that
+# uses it); root's association may use it, jobs use it only when they ask (`--qos=capped`).
+CAPPED_QOS = "capped"
+NODES = {
+    c: list(dict.fromkeys(n for nodes in parts.values() for n in nodes))
+    for c, parts in PARTITIONS.items()
 }
-NODES = {c: [n for nodes in parts.values() for n in nodes] for c, parts in PARTITIONS.items()}
 GPU_NODES = PARTITIONS["alpha"][GPU_PARTITION]
 GPUS_PER_NODE = 4
 CPUS_PER_NODE = 8
@@ -330,12 +350,19 @@ StorageLoc=slurm_acct_db
         )
         partition_lines = "".join(
             f"PartitionName={name} Nodes={','.join(members)} "
-            f"Default={'YES' if name == CPU_PARTITION else 'NO'} MaxTime=INFINITE State=UP\n"
+            f"Default={'YES' if name == CPU_PARTITION else 'NO'} MaxTime=INFINITE State=UP "
+            + {
+                CPU_PARTITION: f"PriorityTier=1 PreemptMode={PREEMPT_MODE[cluster]} "
+                f"GraceTime={PREEMPT_GRACE_S}",
+                URGENT_PARTITION: "PriorityTier=10 PreemptMode=OFF",
+            }.get(name, "PriorityTier=1 PreemptMode=OFF")
+            + "\n"
             for name, members in PARTITIONS[cluster].items()
         )
         gres = ""
         if any(node in GPU_NODES for node in nodes):
-            gres = "GresTypes=gpu\n"
+            # Accounted as a TRES, so a QOS can cap GPUs per user (MaxTRESPerUser=gres/gpu=N).
+            gres = "GresTypes=gpu\nAccountingStorageTRES=gres/gpu\n"
             _write_gres_conf(base, [node for node in nodes if node in GPU_NODES])
         for d in ("ctld", "log", *(f"spool/{node}" for node in nodes)):
             (base / d).mkdir(parents=True, exist_ok=True)
@@ -364,6 +391,10 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
+# Backfill (which also preempts) every 2 s, not 30: tests wait for it.
+SchedulerParameters=bf_interval=2
 # Nodes advertise 8 CPUs / 8 GB whatever the machine has, so 8 tasks per node fit.
 SlurmdParameters=config_overrides
 ReturnToService=2
@@ -380,6 +411,8 @@ AccountingStoragePort={PORTS["slurmdbd"]}
 # With munge, this names the munge socket used to talk to slurmdbd (AuthInfo is not used there).
 AccountingStoragePass={lay.munge_socket}
 JobCompType=jobcomp/none
+# Limits (QOS and association) are enforced, as on a shared cluster.
+AccountingStorageEnforce=associations,limits,qos
 {gres}{node_lines}{partition_lines}""",
         )
 
@@ -558,6 +591,11 @@ def _start_slurmdbd(lay: _Layout) -> None:
     for cluster in NODES:
         if cluster not in known:
             _sh(["sacctmgr", "-i", "add", "cluster", cluster], env=lay.env("alpha"))
+    argv = ["sacctmgr", "-n", "-P", "show", "qos", "format=name"]
+    if CAPPED_QOS not in _sh(argv, env=lay.env("alpha")).stdout.split():
+        _sh(["sacctmgr", "-i", "add", "qos", CAPPED_QOS], env=lay.env("alpha"))
+        _sh(["sacctmgr", "-i", "modify", "user", "where", "name=root", "set",
+             f"qos+={CAPPED_QOS}"], env=lay.env("alpha"))  # fmt: skip
 
 
 def _start_cluster(lay: _Layout, cluster: str) -> list[tuple[int, str]]:
@@ -850,6 +888,21 @@ def start_daemon(name: str, state_dir: Path = DEFAULT_DIR, *, timeout: float = 6
             ready = lambda: len(_node_states(lay, cluster)) == len(NODES[cluster])  # noqa: E731
             _wait(name, ready, timeout, logs, [proc])
         return _recorded(lay)[name][0]
+
+
+def set_slurm_conf(
+    cluster: str, settings: dict[str, str | None], state_dir: Path = DEFAULT_DIR
+) -> None:
+    """Sets (None: removes) lines of a cluster's slurm.conf and restarts its slurmctld, which
+    keeps its jobs (a site changing MaxArraySize, say). Tests restore what they changed."""
+    lay = _Layout(testbed_info(state_dir).state_dir)
+    path = lay.slurm_conf(cluster)
+    lines = [line for line in path.read_text().splitlines()
+             if line.split("=", 1)[0] not in settings]  # fmt: skip
+    lines += [f"{key}={value}" for key, value in settings.items() if value is not None]
+    _replace_text(path, "\n".join(lines) + "\n")
+    stop_daemon(f"slurmctld-{cluster}", state_dir)
+    start_daemon(f"slurmctld-{cluster}", state_dir)
 
 
 def _check_restartable(name: str) -> None:

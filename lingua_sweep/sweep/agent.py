@@ -6,33 +6,32 @@ lingua_sweep.sweep.agent CMD` in the sweep's code snapshot), and for a local one
 calls the same functions in-process. Requests and replies are small JSON, except jobs and
 return values, which travel cloudpickled and base64-encoded.
 
-    submit  --folder F --params JSON --batch N --fence D  < tasks  -> {"ids"|"refused"|"fenced"}
+    submit  --folder F --params JSON --batch N --fence D  < tasks
+                                          -> {"ids"} or {"refused", "kind"} or {"fenced"}
     resolve --batch N --fence D [--since T] [--cancel]         -> {"ids"} or {"in_flight": true}
     poll                                       < JSON    -> states, finished outcomes, file tails
     cancel  --jobs ID,...
     check   --paths P,...                                -> JSON list of the paths that are missing
+    limits  --prefix P [--qos Q] [--account A]    -> the user's limits, usage by jobs not ours
 """
 
 import argparse
 import base64
 import contextlib
-import getpass
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
+from lingua_sweep.sweep import slurm_queries
 from lingua_sweep.sweep.job import JobTask, last_line
 from lingua_sweep.sweep.layout import STATUS_FILE
-from lingua_sweep.sweep.states import SLURM_ACTIVE, SLURM_ENDED, WHY_FAILED
-
-# sbatch waits this long for slurmctld; a busy one can take minutes (the fence covers that).
-SLURM_TIMEOUT_S = 60.0
-
+from lingua_sweep.sweep.limits import classify_refusal
+from lingua_sweep.sweep.slurm_queries import find_batch
+from lingua_sweep.sweep.states import RESUBMIT_ENDS, SLURM_ENDED, WHY_FAILED
 
 # --- submitting -----------------------------------------------------------------------------
 
@@ -87,7 +86,8 @@ def submit_fenced(
             ids = find_batch(batch)
             if not ids:
                 _write_atomic(paths["fenced"], "refused\n")
-                return {"refused": last_line(str(e)) or type(e).__name__}
+                kind, why = classify_refusal(str(e) or type(e).__name__)
+                return {"refused": why, "kind": kind}
         _write_atomic(paths["ids"], json.dumps(ids))
         if paths["cancel"].exists():  # the launcher gave up on this batch while sbatch ran
             cancel(ids, slurm=True)
@@ -140,70 +140,6 @@ def _write_atomic(path: Path, text: str) -> None:
 # --- watching -------------------------------------------------------------------------------
 
 
-def _slurm(argv: list[str]) -> str:
-    from lingua_sweep.sweep import remote
-
-    return remote.run(argv, login=None, timeout=SLURM_TIMEOUT_S).stdout
-
-
-def slurm_states(ids: list[str], prefix: str | None = None) -> tuple[dict, dict[str, str]]:
-    """({id: {state, reason}}, {id: name of every active job named `prefix...`}) from one
-    `squeue` of active jobs and, for the others, one `sacct`.
-
-    A job sacct does not know yet (slurmdbd lags sbatch by a second or two) is UNKNOWN, which
-    is not final: it is asked again at the next poll.
-    """
-    wanted = set(ids)
-    found: dict[str, dict[str, str]] = {}
-    named: dict[str, str] = {}
-    if not ids and not prefix:
-        return {}, named
-    out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", ",".join(SLURM_ACTIVE),
-                  "-o", "%i|%T|%r|%j"])  # fmt: skip
-    for line in out.splitlines():
-        job_id, state, reason, name = (line.strip().split("|", 3) + ["", "", ""])[:4]
-        if job_id in wanted:
-            found[job_id] = {"state": state, "reason": "" if reason == "None" else reason}
-        if prefix and name.startswith(prefix):
-            named[job_id] = name
-    rest = [i for i in ids if i not in found]
-    if rest:
-        # An array's base id too: sacct names the tasks that never started only under it.
-        asked = dict.fromkeys([*rest, *(i.split("_")[0] for i in rest if "_" in i)])
-        argv = ["sacct", "-X", "-n", "-P", "-j", ",".join(asked), "-o", "JobID,State,ExitCode"]
-        out = _slurm(argv)
-        ended: dict[str, dict[str, str]] = {}
-        for line in out.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3:
-                state = {"state": parts[1].split()[0], "exit": parts[2]}
-                ended.update(dict.fromkeys(expand_array(parts[0]), state))
-        for job_id in rest:
-            state = by_id(ended, job_id)
-            if state is not None:
-                found[job_id] = state
-    return {i: found.get(i, {"state": "UNKNOWN"}) for i in ids}, named
-
-
-def by_id(rows: dict[str, Any], job_id: str) -> Any:
-    """A job's sacct row; an array task of an array cancelled before Slurm split it has only
-    its base id's (one line for the whole array)."""
-    return rows.get(job_id) or (rows.get(job_id.split("_")[0]) if "_" in job_id else None)
-
-
-def expand_array(job_id: str) -> list[str]:
-    """`12_[2-3,5]` (sacct's line for array tasks that never started) -> 12_2, 12_3, 12_5."""
-    base, sep, spec = job_id.partition("_[")
-    if not sep:
-        return [job_id]
-    out = []
-    for part in spec.rstrip("]").split("%")[0].split(","):
-        low, _, high = part.partition("-")
-        if low.isdigit() and (high.isdigit() or not high):
-            out += [f"{base}_{i}" for i in range(int(low), int(high or low) + 1)]
-    return out
-
-
 def local_state(folder: str, job_id: str, tasks: int) -> dict[str, str]:
     """A `local` cluster job is a process tree on this machine: done when its results exist."""
     from submitit.core.utils import JobPaths
@@ -232,6 +168,8 @@ def outcome(folder: str, job_id: str, tasks: int, state: dict[str, str]) -> dict
     slurm_state = state["state"]
     if slurm_state == "CANCELLED":
         return {"status": "CANCELLED", "error": "cancelled (scancel)"}
+    if slurm_state in RESUBMIT_ENDS:  # whatever its ranks said as they were stopped
+        return {"status": "RESUBMIT", "error": WHY_FAILED[slurm_state]}
     results: dict[int, tuple] = {}
     for task in range(tasks):
         path = JobPaths(folder, job_id, task).result_pickle
@@ -252,7 +190,9 @@ def outcome(folder: str, job_id: str, tasks: int, state: dict[str, str]) -> dict
         return {"status": "COMPLETED", "value": value, "job_return": ret}
     why = WHY_FAILED.get(slurm_state, f"{slurm_state} (exit {state.get('exit', '?')})")
     log = JobPaths(folder, job_id, missing[0] if missing else 0).stderr
-    return {"status": "FAILED", "error": f"{why}; no result from rank(s) {missing}; see {log}"}
+    return {"status": "FAILED", "error": f"{why}; no result from rank(s) {missing}; see {log}",
+            # COMPLETED without its results: maybe a network filesystem not showing them yet.
+            "missing": slurm_state == "COMPLETED"}  # fmt: skip
 
 
 def tail_text(path: str, max_bytes: int = 200_000) -> str | None:
@@ -279,46 +219,39 @@ def poll(request: dict[str, Any], *, slurm: bool) -> dict[str, Any]:
     """
     jobs = request.get("jobs", [])
     named: dict[str, str] = {}
+    usage: dict[str, int] = {}
     if slurm:
-        states, named = slurm_states([j["id"] for j in jobs], request.get("prefix"))
+        states, named, usage = slurm_queries.slurm_states(
+            [j["id"] for j in jobs], request.get("prefix")
+        )
     else:
         states = {j["id"]: local_state(j["folder"], j["id"], j["tasks"]) for j in jobs}
     outcomes = {}
     for j in jobs:
         state = states[j["id"]]
-        if j.get("dir") and _ran(j["dir"], j["id"]):
+        own = _own_status(j["dir"], j["id"]) if j.get("dir") else None
+        if own is not None:
             state["ran"] = True
         if state["state"] in SLURM_ENDED:
+            preempted = own is not None and own.get("status") == "PREEMPTED"
+            if preempted and state["state"] in ("FAILED", "COMPLETED"):
+                # Its trainer checkpointed on SIGTERM and exited within the grace time, so
+                # Slurm calls it FAILED: the job's own word decides. (A scancel or a time limit
+                # sends SIGTERM too; those end CANCELLED or TIMEOUT and stay so.)
+                state = {**state, "state": "PREEMPTED"}
             outcomes[j["id"]] = outcome(j["folder"], j["id"], j["tasks"], state)
     files = {path: tail_text(path) for path in request.get("files", [])}
-    return {"states": states, "outcomes": outcomes, "files": files, "named": named}
+    return {"states": states, "outcomes": outcomes, "files": files, "named": named, "usage": usage}
 
 
-def _ran(job_dir: str, job_id: str) -> bool:
+def _own_status(job_dir: str, job_id: str) -> dict[str, Any] | None:
+    """The job dir's status.json if that very Slurm job wrote it (it started), else None."""
     try:
         status = json.loads((Path(job_dir) / STATUS_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(status, dict) and str(status.get("job_id")) == job_id
-
-
-def find_batch(name: str, since: float | None = None) -> list[str]:
-    """Ids of the jobs of one submission (Slurm job name), in array order: for a launcher that
-    never heard sbatch's answer. `since`: the submission's time (sacct looks back from there)."""
-    ids = set()
-    out = _slurm(["squeue", "-h", "-r", "-u", getpass.getuser(), "-n", name, "-o", "%i"])
-    ids.update(line.strip() for line in out.splitlines() if line.strip())
-    start = (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 3600)) if since else ("now-7days")
-    )
-    out = _slurm(["sacct", "-X", "-n", "-P", "-S", start, "--name", name, "-o", "JobID"])
-    ids.update(i for line in out.splitlines() if line.strip() for i in expand_array(line.strip()))
-    return sorted(ids, key=_array_order)
-
-
-def _array_order(job_id: str) -> tuple[int, int]:
-    base, _, index = job_id.partition("_")
-    return int(base), int(index or 0)
+        return None
+    ours = isinstance(status, dict) and str(status.get("job_id")) == job_id
+    return status if ours else None
 
 
 def cancel(job_ids: list[str], *, slurm: bool) -> None:
@@ -327,7 +260,7 @@ def cancel(job_ids: list[str], *, slurm: bool) -> None:
     if not job_ids:
         return
     if slurm:
-        _slurm(["scancel", *job_ids])
+        slurm_queries.run(["scancel", *job_ids])
         return
     for pid in job_ids:
         if _alive(int(pid)):
@@ -377,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", required=True)
     p = sub.add_parser("check")
     p.add_argument("--paths", required=True)
+    p = sub.add_parser("limits")
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--qos")
+    p.add_argument("--account")
     args = parser.parse_args(argv)
 
     out = sys.stdout.buffer
@@ -395,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         cancel(args.jobs.split(","), slurm=True)
     elif args.command == "check":
         out.write(_json(missing_paths(json.loads(args.paths))))
+    elif args.command == "limits":
+        limits = slurm_queries.read_limits(qos=args.qos, account=args.account)
+        usage = slurm_queries.user_usage(args.prefix)
+        out.write(_json({"limits": limits.to_json(), "usage": usage}))
     return 0
 
 

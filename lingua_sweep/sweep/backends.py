@@ -27,6 +27,7 @@ import cloudpickle
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import agent, job, remote
+from lingua_sweep.sweep.limits import Limits
 
 T = TypeVar("T")
 RETRY_DELAYS_S = (1.0, 3.0)  # then the controller marks the cluster unreachable for a while
@@ -53,6 +54,9 @@ class Backend(Protocol):
     def fetch(self, remote_dir: str, local_dir: Path) -> None: ...
 
     def missing(self, paths: list[str]) -> list[str]: ...
+
+    def limits(self, prefix: str) -> tuple[Limits, dict[str, int]]:
+        """The user's limits there and usage by jobs not named `prefix...`."""
 
 
 def retry(call: Callable[[], T], delays: tuple[float, ...] = RETRY_DELAYS_S) -> T:
@@ -106,6 +110,9 @@ class LocalBackend:
     def missing(self, paths):
         return agent.missing_paths(paths)
 
+    def limits(self, prefix):
+        return Limits(), {}  # this machine's own processes: none
+
 
 class AgentBackend:
     def __init__(
@@ -119,10 +126,17 @@ class AgentBackend:
         self.code: dict[str, Any] = {}
 
     def _ssh(self, argv: list[str], **kw):
-        return remote.run(
-            argv, login=self.cluster.login, ssh_options=self.cluster.ssh_options,
-            timeout=self.timeout, **kw,
-        )  # fmt: skip
+        c = self.cluster
+        try:
+            return remote.run(argv, login=c.login, ssh_options=c.ssh_options,
+                              timeout=self.timeout, **kw)  # fmt: skip
+        except remote.RemoteError as e:
+            if e.returncode is None:
+                # Timed out: the shared connection may hold a dead TCP session (a laptop that
+                # slept, a VPN that changed) that every call would wait on. Drop it; the next
+                # call opens a fresh one.
+                remote.close_master(c.login, c.ssh_options, timeout=5)
+            raise
 
     def _environment(self) -> str:
         """The agent's shell prelude: the cluster's `env` (e.g. SLURM_CONF), the environment
@@ -226,6 +240,13 @@ class AgentBackend:
         if not self.over_ssh:
             return agent.missing_paths(paths)
         return answer(self._agent(["check", "--paths", json.dumps(paths)]), "agent check")
+
+    def limits(self, prefix):
+        c = self.cluster
+        args = ["limits", "--prefix", prefix, *(["--qos", c.qos] if c.qos else []),
+                *(["--account", c.account] if c.account else [])]  # fmt: skip
+        reply = retry(lambda: answer(self._agent(args), "agent limits"))
+        return Limits.from_json(reply["limits"]), reply["usage"]
 
 
 def make_backend(

@@ -2,8 +2,9 @@
 
 I1  every Slurm job named like the sweep's batches is in the journal (`submitted` or `stray`)
 I2  once the launcher exited and the sweep is done or cancelled, none of its jobs is in squeue
-I3  each job ran to its end once: its earlier Slurm jobs were all `moved`, at most one of them
-    reached a run-end state, and no stray COMPLETED
+I3  each job ran to its end once: its earlier Slurm jobs were all `moved` or `resubmit`ted
+    (preempted, lost with a node), at most one of the others reached a run-end state, and no
+    stray COMPLETED
 I4  the journal's final states are sacct's
 I5  each job's outputs are its own: status.json names its last Slurm job, overrides.yaml holds
     its overrides
@@ -26,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from lingua_sweep.sweep import layout, remote
-from lingua_sweep.sweep.agent import by_id, expand_array
 from lingua_sweep.sweep.journal import LOCK_FILE, JobEntry, apply, replay
+from lingua_sweep.sweep.slurm_queries import by_id, expand_array
 from lingua_sweep.sweep.states import SLURM_ENDED, SLURM_RAN, agrees
 
 SLURM_TIMEOUT_S = 60.0
@@ -121,7 +122,8 @@ class Facts:
         self.runs: dict[int, list[tuple[str, str]]] = {}  # index -> its (cluster, id)s, in order
         self.index_of: dict[tuple, int] = {}
         self.strays: dict[tuple, dict] = {}  # `stray` records, and ids that landed for no job
-        self.moved: set[tuple] = set()
+        self.moved: set[tuple] = set()  # replaced by a later Slurm job: moved or resubmitted
+        self.resubmitted: set[tuple] = set()  # preempted or lost with its node, then resubmitted
         self.stops: dict[tuple, dict] = {}
         # Replayed record by record: a `submitted` id is a job's run only if the replay gives
         # it to the job (one that landed for a job already final or elsewhere is a stray).
@@ -137,10 +139,12 @@ class Facts:
                         self.runs.setdefault(int(index), []).append((r["cluster"], str(job_id)))
                     else:
                         self.strays.setdefault(key, {**r, "job_id": str(job_id)})
-            elif r["kind"] in ("moved", "stray", "stop"):
+            elif r["kind"] in ("moved", "resubmit", "stray", "stop"):
                 key = self.key(r["cluster"], r["job_id"])
-                if r["kind"] == "moved":
+                if r["kind"] in ("moved", "resubmit"):
                     self.moved.add(key)
+                    if r["kind"] == "resubmit":
+                        self.resubmitted.add(key)
                 else:
                     (self.strays if r["kind"] == "stray" else self.stops)[key] = r
         self.known = self.index_of.keys() | self.strays.keys()
@@ -210,7 +214,9 @@ def reruns(c: Facts) -> list[Violation]:
                 note = f"; a stop ({stop.get('status')}) was asked, never confirmed" if stop else ""
                 message = f"was submitted again, with no `moved` record for this one{note}"
                 out.append(Violation("I3", index, cluster, message, job_id))
-        ends = [(cl, i, s) for cl, i in runs if (s := c.sacct_state(cl, i)) in SLURM_RAN]
+        # A run cut short by its node (NODE_FAIL) and resubmitted resumes; it is not a rerun.
+        ends = [(cl, i, s) for cl, i in runs if (s := c.sacct_state(cl, i)) in SLURM_RAN
+                and c.key(cl, i) not in c.resubmitted]  # fmt: skip
         if len(ends) > 1:
             listed = ", ".join(f"{cl} job {i} {s}" for cl, i, s in ends)
             out.append(Violation("I3", index, None, f"ran to its end {len(ends)} times: {listed}"))

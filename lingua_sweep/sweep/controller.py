@@ -13,6 +13,7 @@ laptop closing) and a new controller picks the sweep up from the journal alone:
 """
 
 import logging
+import math
 import os
 import socket
 import time
@@ -25,13 +26,14 @@ from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import dispatch, faultpoint, layout
 from lingua_sweep.sweep import journal as journal_lib
+from lingua_sweep.sweep import limits as limits_lib
 from lingua_sweep.sweep.backends import make_backend
 from lingua_sweep.sweep.compose import JobComposer, config_hash, is_trainer_config
 from lingua_sweep.sweep.header import project_root, sweep_header
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
 from lingua_sweep.sweep.link import Link
 from lingua_sweep.sweep.params import WHEN_BUSY, LauncherParams
-from lingua_sweep.sweep.states import WAITING
+from lingua_sweep.sweep.states import WAITING, not_soon, pending_words
 from lingua_sweep.sweep.submit import Submitter
 from lingua_sweep.sweep.watch import Watcher
 
@@ -89,6 +91,7 @@ class Controller:
         self.on_result: Callable[[JobEntry], None] | None = None
         self.want_metrics = False
         self.last_probe = -1e9
+        self.probed_at = 0.0
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
         self.watcher = Watcher(self)
 
@@ -218,9 +221,11 @@ class Controller:
         for link, status in zip(links, statuses, strict=True):
             link.status = status
         self.last_probe = time.monotonic()
+        self.probed_at = time.time()  # journal times are wall-clock
 
     def rooms(self) -> dict[str, int]:
-        """Jobs each cluster can start now, minus ours already waiting in its queue."""
+        """Jobs each cluster can start now, within the user's limits there, minus ours already
+        waiting in its queue."""
         out = {}
         for name, link in self.links.items():
             c = link.config
@@ -231,10 +236,34 @@ class Controller:
                 out[name] = max(self.p.local_parallel, 1) - len(running)
                 continue
             shape = dispatch.job_shape(c, self.p)
-            waiting = [j for j in self.open_jobs() + self.jobs(SUBMITTING)
-                       if j.cluster == name and j.state in WAITING]  # fmt: skip
-            out[name] = max(0, dispatch.room(link.status, c, shape) - len(waiting))
+            room = dispatch.room(link.status, c, shape)
+            start = self.headroom(name).start
+            if start is not None:
+                room = min(room, start)
+            # Ours that the probe did not see take room first: those waiting, and those that
+            # started since (sinfo counted their nodes as free).
+            unseen = [
+                j for j in self._ours_on(name)
+                if j.state in WAITING or (j.submitted_at or 0.0) > self.probed_at
+            ]  # fmt: skip
+            out[name] = max(0, room - len(unseen))
         return out
+
+    def _ours_on(self, name: str) -> list[JobEntry]:
+        return [j for j in self.open_jobs() + self.jobs(SUBMITTING) if j.cluster == name]
+
+    def headroom(self, name: str) -> limits_lib.Headroom:
+        """What the user's limits on this cluster leave for this sweep now."""
+        link = self.links[name]
+        if link.limits is None:
+            return limits_lib.Headroom(start=None, submit=None)
+        ours = self._ours_on(name)
+        shape = dispatch.job_shape(link.config, self.p)
+        return limits_lib.headroom(
+            link.limits, limits_lib.Usage(**(link.usage or {})),
+            ours_running=sum(j.state == "RUNNING" for j in ours), ours_active=len(ours),
+            gpus_per_job=shape.nodes * shape.gpus_per_node,
+        )  # fmt: skip
 
     def _reachable_slurm(self) -> list[str]:
         return [
@@ -253,7 +282,8 @@ class Controller:
             raise UserError(unusable[0])
         # A moved job goes where it was moved to, and nowhere else.
         for job in [j for j in queued if j.target in self.links]:
-            self._submit(self.links[job.target], [job])
+            if self.headroom(job.target).submit != 0:
+                self._submit(self.links[job.target], [job])
         queued = [j for j in queued if j.target not in self.links]
         if not queued:
             return
@@ -270,22 +300,24 @@ class Controller:
                     f"no cluster can take the sweep ({reasons}); check `lingua-sweep clusters`"
                 )
             return  # every cluster is away for now: the jobs wait for one to come back
+        caps = {n: self.headroom(n).submit for n in order}
         targets = dispatch.assign(
-            len(queued), rooms, order, queue_on=queue_on, when_busy=self.p.when_busy
+            len(queued), rooms, order, queue_on=queue_on, when_busy=self.p.when_busy, caps=caps
         )
         if not self.submitted_any:
             dispatch.check_when_busy(targets.count(None), len(queued), reachable, self.p.when_busy)
         for name in dict.fromkeys(t for t in targets if t):
             share = [j for j, t in zip(queued, targets, strict=True) if t == name]
             if self.registry[name].slurm:
-                self._submit(self.links[name], share)
+                # One array per call, within the cluster's MaxArraySize; the rest next cycle.
+                self._submit(self.links[name], share[: self.links[name].array_limit])
             else:  # one process each: a kill between two of them loses nothing
                 for job in share:
                     self._submit(self.links[name], [job])
 
     def _submit(self, link: Link, share: list[JobEntry]) -> None:
-        if link.busy or not link.available:
-            return  # its thread is still on an earlier call: next cycle
+        if not link.can_submit:
+            return  # its thread is still on an earlier call, or it refused lately: later
         batch = self.submitter.build(link, share)
         if not self.submitter.ready(link, [t.config for t in batch.work]):
             return  # its code or data is being checked (or missing): nothing journaled
@@ -333,10 +365,13 @@ class Controller:
             return
         now = time.time()
         seen = self.watcher.pending_seen  # judged on what Slurm said, never on a stale picture
+        # A job held by a limit, a partition rule or missing nodes will not start by waiting
+        # its turn: it may move at once; any other after max_pending_s.
         stuck = [
             j for j in self.jobs("PENDING")
             if j.started_at is None and j.moves == 0 and j.submitted_at and not j.stopping
-            and seen.get(j.index, 0.0) - j.submitted_at >= self.p.max_pending_s
+            and j.index in seen and (not_soon(j.reason)
+                                     or seen[j.index] - j.submitted_at >= self.p.max_pending_s)
         ]  # fmt: skip
         if not stuck:
             return
@@ -344,12 +379,14 @@ class Controller:
         rooms = self.rooms()
         for job in stuck:
             others = {n: r for n, r in rooms.items() if n != job.cluster and self.registry[n].slurm}
-            if not dispatch.should_move(now - job.submitted_at, job.moves, self.p.max_pending_s,
-                                        others):  # fmt: skip
+            waited = math.inf if not_soon(job.reason) else now - job.submitted_at
+            if not dispatch.should_move(waited, job.moves, self.p.max_pending_s, others):
                 continue
             target = next(n for n, r in others.items() if r > 0)
             rooms[target] -= 1
-            note = f"pending {now - job.submitted_at:.0f}s while {target} has room"
+            why = pending_words(job.reason) if not_soon(job.reason) else None
+            note = (f"pending {now - job.submitted_at:.0f}s ({why or 'waiting its turn'}) "
+                    f"while {target} has room")  # fmt: skip
             log.info("#%d %s: moving it", job.index, note)
             # Moved (and bound for the target) once Slurm confirms it ended here unstarted.
             self.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,

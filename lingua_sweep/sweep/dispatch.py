@@ -94,20 +94,26 @@ def assign(
     *,
     queue_on: str | None,
     when_busy: str,
+    caps: Mapping[str, int | None] | None = None,
 ) -> list[str | None]:
     """The cluster for each of the first n queued jobs (None: keep waiting here).
 
     Clusters with room fill in priority order (`order`); the rest follow `when_busy`: `queue`
     sends them to `queue_on` (the first reachable cluster that fits them), `wait` keeps them.
+    `caps`: how many more jobs each cluster's submit limit accepts (None: no limit); a job
+    no cluster may take now waits here.
     """
     left = dict(rooms)
+    cap = {n: v for n, v in (caps or {}).items() if v is not None}
     out: list[str | None] = []
     for _ in range(n_queued):
-        target = next((name for name in order if left.get(name, 0) > 0), None)
+        target = next((n for n in order if left.get(n, 0) > 0 and cap.get(n, 1) > 0), None)
         if target is not None:
             left[target] -= 1
-        elif when_busy == "queue":
+        elif when_busy == "queue" and queue_on is not None and cap.get(queue_on, 1) > 0:
             target = queue_on
+        if target is not None and target in cap:
+            cap[target] -= 1
         out.append(target)
     return out
 

@@ -90,7 +90,10 @@ class JobTask:
         if callable(previous_handler):
             if main:
                 write_status(job_dir, status="PREEMPTED", error=str(error))
-            previous_handler(error.signum, None)  # submitit: requeue, then exit
+            # SIGUSR2: submitit requeues the job and exits. SIGTERM (a preemption, a node being
+            # taken): it returns, and the launcher, reading PREEMPTED, submits the job again.
+            previous_handler(error.signum, None)
+            raise error
         if main:
             write_status(
                 job_dir, status="FAILED", error=error_line(error), finished=time.time(),

@@ -47,6 +47,8 @@ class JobEntry:
     started_at: float | None = None  # first seen RUNNING
     ended_at: float | None = None
     moves: int = 0  # resubmissions elsewhere after pending too long
+    resubmits: int = 0  # submitted again after a preemption or a node failure
+    reason: str | None = None  # Slurm's reason it is pending (squeue's %r), while it is
     target: str | None = None  # the cluster a move sent it to: where it goes next, only there
     # A cancel asked of Slurm and not yet confirmed: {status, note, step, to}. The job is final
     # (or moved) only once Slurm says it ended.
@@ -221,15 +223,21 @@ def apply(state: SweepState, r: dict) -> None:
         if job.final:
             return
         _set_state(job, t, r["state"], r.get("reason"))
+        job.reason = r.get("reason") if r["state"] == "PENDING" else None
         # `ran`: the job's own status.json says it started, though it was never seen RUNNING.
         if (r["state"] == "RUNNING" or r.get("ran")) and job.started_at is None:
             job.started_at = t
     elif kind == "stop" and job is not None:
         if not job.final:
             job.stopping = {k: r.get(k) for k in ("status", "note", "step", "to")}
-    elif kind == "moved" and job is not None:
-        job.moves += 1
-        job.target, job.stopping = r.get("to"), None
+    elif kind in ("moved", "resubmit") and job is not None:
+        # Back to the queue, bound for `to`: elsewhere after a long wait, or again where its
+        # checkpoint is after a preemption.
+        if kind == "moved":
+            job.moves += 1
+        else:
+            job.resubmits += 1
+        job.target, job.stopping, job.reason = r.get("to"), None, None
         job.cluster = job.job_id = job.folder = job.remote_dir = job.batch = None
         job.started_at = job.submitted_at = None
         _set_state(job, t, QUEUED, r.get("reason"))

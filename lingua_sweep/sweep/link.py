@@ -16,8 +16,11 @@ from typing import Any
 from lingua_sweep import clusters as cluster_lib
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.sweep.backends import Backend
+from lingua_sweep.sweep.limits import Limits
 
 BACKOFF_MAX_S = 60.0
+REFUSAL_BACKOFF_MAX_S = 300.0
+LIMITS_EVERY_S = 300.0  # limits change rarely; a refusal re-reads them at once
 
 
 @dataclass
@@ -31,6 +34,15 @@ class Link:
     down_until: float = 0.0
     failures: int = 0
     reason: str | None = None  # why it is down, for the live view and status
+    # The user's Slurm limits there (read before the first submission, then now and then) and
+    # the user's other jobs (each poll): room is counted within them.
+    limits: Limits | None = None
+    limits_read_at: float = -1e9
+    usage: dict[str, int] | None = None
+    # sbatch refused for a reason that passes (a submit limit): no submission before this.
+    submit_after: float = 0.0
+    refusals: int = 0
+    max_array: int | None = None  # learned from a refusal of an array's size
     ops: list[tuple[Future, Callable]] = field(default_factory=list)
     _queue: queue.Queue | None = None
 
@@ -41,6 +53,22 @@ class Link:
 
     def up(self) -> None:
         self.failures, self.reason, self.down_until = 0, None, 0.0
+
+    def refused(self, poll_s: float) -> float:
+        """A transient refusal: submissions wait, twice as long each time in a row (capped)."""
+        self.refusals += 1
+        wait = min(REFUSAL_BACKOFF_MAX_S, poll_s * 2**self.refusals)
+        self.submit_after = time.monotonic() + wait
+        return wait
+
+    @property
+    def can_submit(self) -> bool:
+        return self.available and not self.busy and time.monotonic() >= self.submit_after
+
+    @property
+    def array_limit(self) -> int | None:
+        known = [n for n in (self.max_array, self.limits and self.limits.max_array) if n]
+        return min(known) if known else None
 
     @property
     def available(self) -> bool:

@@ -17,6 +17,7 @@ from rich.table import Table
 from lingua_sweep.metrics import parse_records
 from lingua_sweep.sweep import layout
 from lingua_sweep.sweep.journal import FINAL
+from lingua_sweep.sweep.states import pending_words
 
 PLAIN_EVERY_S = 30.0
 STYLES = {
@@ -77,7 +78,7 @@ def job_rows(state, sweep_dir: Path, live_metrics: dict[int, str], totals: dict[
                 total=totals.get(job.index),
                 loss=loss,
                 elapsed_s=end - job.started_at if job.started_at else None,
-                note=(job.result or {}).get("error") or "",
+                note=(job.result or {}).get("error") or pending_words(job.reason),
             )
         )
     return rows

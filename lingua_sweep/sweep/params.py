@@ -37,6 +37,10 @@ class LauncherParams:
     timeout_min: int = 240
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint + requeue
     max_num_timeout: int = 3  # requeues after preemption or time-out
+    # A job preempted and not requeued, or lost with its node (PREEMPTED, NODE_FAIL, BOOT_FAIL,
+    # held after a failed launch) is submitted again, in its own dir (so it resumes from its
+    # checkpoint) on its own cluster, up to this many times; then it is FAILED.
+    max_resubmits: int = 3
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)  # extra shell lines before each job
     local_parallel: int = 2  # jobs at once on the `local` cluster

@@ -97,10 +97,12 @@ def open_master(login: str, ssh_options: Sequence[str] = ()) -> int:
     return subprocess.run(argv, check=False).returncode
 
 
-def close_master(login: str, ssh_options: Sequence[str] = ()) -> None:
-    """Ends the shared connection to `login` (the next call opens a fresh one)."""
+def close_master(login: str, ssh_options: Sequence[str] = (), *, timeout: float = 30) -> None:
+    """Ends the shared connection to `login` (the next call opens a fresh one). A master too
+    hung to answer is left to its keepalives; this never raises."""
     argv = ["ssh", *control_options(), *ssh_options, "-O", "exit", login]
-    subprocess.run(argv, check=False, capture_output=True, timeout=30)
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+        subprocess.run(argv, check=False, capture_output=True, timeout=timeout)
 
 
 def run(

@@ -15,6 +15,7 @@ writes the journal runs here, in the launcher's main thread.
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from lingua_sweep.sweep import dispatch, faultpoint, layout, remote
 from lingua_sweep.sweep.compose import is_trainer_config
 from lingua_sweep.sweep.job import JobTask
 from lingua_sweep.sweep.journal import JobEntry
+from lingua_sweep.sweep.link import LIMITS_EVERY_S
 
 log = logging.getLogger(__name__)
 MAX_SUBMIT_FAILURES = 3
@@ -104,7 +106,9 @@ class Submitter:
         """Whether the cluster can take these jobs now: its code prepared and their data there.
         Unknown yet: the check starts on its thread (nothing is journaled until it is known)."""
         keys = [self._data_key(link, c) for c in configs]
-        prepared = bool(link.backend.code) or link.backend.files_here
+        prepared = (bool(link.backend.code) or link.backend.files_here) and (
+            time.monotonic() - link.limits_read_at < LIMITS_EVERY_S  # read again now and then
+        )
         if prepared and all(k in self.data_checked for k in keys):
             problem = next((self.data_checked[k] for k in keys if self.data_checked[k]), None)
             if problem:
@@ -122,14 +126,18 @@ class Submitter:
             return {"down": f"cannot prepare its code: {e.reason}"}
         except UserError as e:
             return {"unusable": str(e)}
-        found = {}
+        try:
+            limits = read_limits(link, self.c.prefix)
+        except remote.RemoteError as e:
+            return {"down": f"cannot read its limits: {e.reason}"}
+        found = {}  # (each data set is checked once)
         for key, config in zip(keys, configs, strict=True):
             if key not in found and key not in self.data_checked:
                 try:
                     found[key] = self._check_data(link, config)
                 except remote.RemoteError as e:
                     return {"down": e.reason}
-        return {"found": found}
+        return {"found": found, **limits}
 
     def _prepared(self, link, out: dict[str, Any]) -> None:
         if "down" in out:
@@ -139,6 +147,7 @@ class Submitter:
             link.unusable = out["unusable"]
         else:
             self.data_checked.update(out["found"])
+            got_limits(link, out)
 
     def run(self, link, b: Batch) -> dict[str, Any]:
         """The fenced sbatch, on the cluster's thread. Never raises: the outcome says what
@@ -186,6 +195,7 @@ class Submitter:
         if code and not c.code_recorded(link.config.name):
             c.record("code", cluster=link.config.name, **code)
         if "ids" in out:
+            link.refusals = 0
             faultpoint.hit("submit.landed")
             self.landed(b.intent(), out["ids"])
             return
@@ -196,12 +206,26 @@ class Submitter:
             link.down(out["unknown"], c.p.poll_interval_s)
             return
         reason = out.get("refused") or "fenced by an earlier resolve"
+        kind = out.get("kind", "permanent") if "refused" in out else "fenced"
         c.record("unsubmitted", batch=b.batch, indices=b.indices, reason=reason)
+        if kind == "too_big" and len(b.indices) > 1:
+            link.max_array = len(b.indices) // 2
+            log.warning("cluster %s refused an array of %d (%s): submitting %d at a time",
+                        b.cluster, len(b.indices), reason, link.max_array)  # fmt: skip
+            return
+        if kind == "transient":
+            wait = link.refused(c.p.poll_interval_s)
+            link.limits_read_at = -1e9  # what changed is read again before the next try
+            log.warning("cluster %s refused %s for now (%s): next try in %.0fs", b.cluster,
+                        b.batch, reason, wait)  # fmt: skip
+            return
         log.error("cluster %s refused %s: %s", b.cluster, b.batch, reason)
         for index in b.indices:
             self.failures[index] = self.failures.get(index, 0) + 1
-            if self.failures[index] >= MAX_SUBMIT_FAILURES:
-                c.record("result", index=index, status="FAILED", error=f"sbatch: {reason}")
+            if kind != "fenced" or self.failures[index] >= MAX_SUBMIT_FAILURES:
+                # The jobs cannot run as asked there: FAILED, with the refusal in words.
+                c.record("result", index=index, status="FAILED",
+                         error=f"sbatch refused on {b.cluster}: {reason}")  # fmt: skip
 
     def landed(self, intent: dict[str, Any], ids: list[str]) -> None:
         """The ids of a batch, from sbatch or from `resolve`: each to its own job."""
@@ -269,3 +293,15 @@ class Submitter:
                 link.down(reply["error"], self.c.p.poll_interval_s)
                 problems.append(f"{intent['cluster']}: {reply['error']}")
         return problems
+
+
+def read_limits(link, prefix: str) -> dict[str, Any]:
+    """On the cluster's thread: the user's limits and other jobs there (may raise RemoteError)."""
+    limits, usage = link.backend.limits(prefix)
+    return {"limits": limits, "usage": usage, "read_at": time.monotonic()}
+
+
+def got_limits(link, out: dict[str, Any]) -> None:
+    """In the main thread: what read_limits found, for the dispatcher's room."""
+    if "limits" in out:
+        link.limits, link.usage, link.limits_read_at = out["limits"], out["usage"], out["read_at"]

@@ -19,7 +19,7 @@ from lingua_sweep.sweep.controller import Controller
 from lingua_sweep.sweep.journal import Journal
 from lingua_sweep.sweep.monitor import job_rows, render, totals_line
 from lingua_sweep.sweep.params import LauncherParams
-from lingua_sweep.sweep.states import FINAL
+from lingua_sweep.sweep.states import FINAL, pending_words
 
 
 def open_journal(sweep_dir: str | Path) -> Journal:
@@ -52,7 +52,7 @@ def controller_from_journal(sweep_dir: str | Path, *, timeout_s: float = 30.0) -
 def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
     """The sweep's jobs as the journal has them; with the clusters' live states unless offline."""
     controller = controller_from_journal(sweep_dir)
-    live_states: dict[int, str] = {}
+    live_states: dict[int, tuple[str, str | None]] = {}
     unreachable = {}
     if not offline:
         for name, link in controller.links.items():
@@ -65,7 +65,8 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
                 unreachable[name] = e.reason
                 continue
             for j in mine:
-                live_states[j.index] = reply["states"].get(j.job_id, {}).get("state", "UNKNOWN")
+                live = reply["states"].get(j.job_id, {})
+                live_states[j.index] = (live.get("state", "UNKNOWN"), live.get("reason"))
                 text = reply["files"].get(controller.metrics_path(j))
                 if text:
                     controller.metrics[j.index] = text
@@ -73,7 +74,9 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
                     _total_steps(controller))  # fmt: skip
     for row in rows:
         if row.index in live_states and row.state not in FINAL:
-            row.state = live_states[row.index]
+            row.state, reason = live_states[row.index]
+            if row.state == "PENDING" and reason:
+                row.note = pending_words(reason)
     if as_json:
         payload = {
             "sweep_dir": str(controller.sweep_dir),

@@ -17,8 +17,12 @@ from lingua_sweep.sweep import job as job_lib
 from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.link import Link
+from lingua_sweep.sweep.states import HELD, HELD_REASONS
 
 log = logging.getLogger(__name__)
+# A job Slurm says COMPLETED whose results are not there yet (a network filesystem shows files
+# late) is given this long before it counts as FAILED.
+RESULT_GRACE_S = 60.0
 
 
 class Watcher:
@@ -27,6 +31,7 @@ class Watcher:
         self._active_strays: set[str] = set()  # stray ids still active: cancelled each poll
         self._last_poll: dict[str, float] = {}  # cluster -> when it was last polled
         self.pending_seen: dict[int, float] = {}  # job index -> when a poll last saw it PENDING
+        self._missing_since: dict[int, float] = {}  # job index -> first poll without results
 
     def poll_request(self, name: str, *, files: str | None) -> tuple[list[JobEntry], dict]:
         """The poll of one cluster's open jobs; `files`: whose metrics to bring, "running" (the
@@ -105,6 +110,8 @@ class Watcher:
             log.info("cluster %s answers again", name)
         link.up()
         reply = out["reply"]
+        if reply.get("usage") is not None:
+            link.usage = reply["usage"]
         self._note_strays(name, reply.get("named", {}))
         for old in mine:
             job = c.state.jobs[old.index]
@@ -122,9 +129,15 @@ class Watcher:
                 # Pending as of when this poll was sent, not when its answer was read (a laptop
                 # that slept in between reads an old answer late).
                 self.pending_seen[job.index] = out["asked_at"]
-            if ran or (state != job.state and not (state == "UNKNOWN" and job.state != SUBMITTING)):
-                c.record("state", index=job.index, state=state,
-                         reason=info.get("reason") or None, ran=ran or None)  # fmt: skip
+            reason = info.get("reason") or None
+            changed = state != job.state or (state == "PENDING" and reason != job.reason)
+            if ran or (changed and not (state == "UNKNOWN" and job.state != SUBMITTING)):
+                c.record("state", index=job.index, state=state, reason=reason,
+                         ran=ran or None)  # fmt: skip
+            if (state in HELD or reason in HELD_REASONS) and not job.stopping:
+                # Held after a requeue: it never starts alone. Cancelled, then submitted again.
+                c.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
+                         status="RESUBMIT", note=f"held by Slurm ({reason or state})")  # fmt: skip
             text = reply["files"].get(c.metrics_path(job))
             if text:
                 c.metrics[job.index] = text
@@ -165,6 +178,21 @@ class Watcher:
                          to=stop["to"], reason=stop["note"])  # fmt: skip
                 return
             status, error, step = stop["status"], stop["note"], stop.get("step")
+        if outcome.get("missing"):
+            first = self._missing_since.setdefault(job.index, time.monotonic())
+            if time.monotonic() - first < RESULT_GRACE_S:
+                return  # asked again at the next poll
+        if status == "RESUBMIT":
+            if job.resubmits < c.p.max_resubmits:
+                log.warning("#%d on %s (job %s): %s; submitting it again there, to resume from "
+                            "its checkpoint (%d of %d)", job.index, job.cluster, job.job_id,
+                            error, job.resubmits + 1, c.p.max_resubmits)  # fmt: skip
+                c.record("resubmit", index=job.index, cluster=job.cluster, job_id=job.job_id,
+                         to=job.cluster, reason=error)  # fmt: skip
+                return
+            status = "FAILED"
+            error = (f"{error}, after {job.resubmits} resubmissions (raise "
+                     "hydra.launcher.max_resubmits)")  # fmt: skip
         if outcome.get("job_return") is not None:
             c.returns[job.index] = outcome["job_return"]
         value, pickled = journal_lib.encode_value(outcome.get("value"))

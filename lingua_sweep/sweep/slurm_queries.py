@@ -1,0 +1,125 @@
+"""The Slurm questions the agent asks on a cluster: its jobs' states, a submission's ids by
+name, the user's limits and usage. Plain parsing of squeue/sacct/sacctmgr/scontrol output."""
+
+import getpass
+import time
+from typing import Any
+
+from lingua_sweep.sweep.limits import ASSOC_COLUMNS, QOS_COLUMNS, Limits, parse_limits, parse_usage
+from lingua_sweep.sweep.states import SLURM_ACTIVE
+
+# sbatch waits this long for slurmctld; a busy one can take minutes (the fence covers that).
+SLURM_TIMEOUT_S = 60.0
+
+
+def run(argv: list[str]) -> str:
+    from lingua_sweep.sweep import remote
+
+    return remote.run(argv, login=None, timeout=SLURM_TIMEOUT_S).stdout
+
+
+def slurm_states(ids: list[str], prefix: str | None = None) -> tuple[dict, dict[str, str], dict]:
+    """({id: {state, reason}}, {id: name of every active job named `prefix...`}, the user's
+    usage apart from those) from one `squeue` of active jobs and, for the others, one `sacct`.
+
+    A job sacct does not know yet (slurmdbd lags sbatch by a second or two) is UNKNOWN, which
+    is not final: it is asked again at the next poll.
+    """
+    wanted = set(ids)
+    found: dict[str, dict[str, str]] = {}
+    named: dict[str, str] = {}
+    if not ids and not prefix:
+        return {}, named, {}
+    out = _active_jobs()
+    usage = parse_usage(out, prefix)
+    for line in out.splitlines():
+        job_id, state, reason, name = (line.strip().split("|") + ["", "", ""])[:4]
+        if job_id in wanted:
+            found[job_id] = {"state": state, "reason": "" if reason == "None" else reason}
+        if prefix and name.startswith(prefix):
+            named[job_id] = name
+    rest = [i for i in ids if i not in found]
+    if rest:
+        # An array's base id too: sacct names the tasks that never started only under it.
+        asked = dict.fromkeys([*rest, *(i.split("_")[0] for i in rest if "_" in i)])
+        argv = ["sacct", "-X", "-n", "-P", "-j", ",".join(asked), "-o", "JobID,State,ExitCode"]
+        out = run(argv)
+        ended: dict[str, dict[str, str]] = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3:
+                state = {"state": parts[1].split()[0], "exit": parts[2]}
+                ended.update(dict.fromkeys(expand_array(parts[0]), state))
+        for job_id in rest:
+            state = by_id(ended, job_id)
+            if state is not None:
+                found[job_id] = state
+    return {i: found.get(i, {"state": "UNKNOWN"}) for i in ids}, named, usage.__dict__
+
+
+def read_limits(*, qos: str | None, account: str | None) -> Limits:
+    """The user's limits on this cluster, where Slurm shows them (sacctmgr needs slurmdbd: a
+    site without accounting has no limits to read, and none are assumed)."""
+    user = getpass.getuser()
+    cluster = ""
+    config = run(["scontrol", "show", "config"])
+    for line in config.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ClusterName":
+            cluster = value.strip()
+    try:
+        assoc = run(["sacctmgr", "-n", "-P", "show", "assoc", "where", f"user={user}",
+                     *([f"cluster={cluster}"] if cluster else []),
+                     f"format={','.join(ASSOC_COLUMNS)}"])  # fmt: skip
+        qos_out = run(["sacctmgr", "-n", "-P", "show", "qos", f"format={','.join(QOS_COLUMNS)}"])
+    except Exception:  # noqa: BLE001 - no accounting here: only MaxArraySize is known
+        assoc = qos_out = ""
+    return parse_limits(assoc, qos_out, config, qos=qos, account=account)
+
+
+def _active_jobs() -> str:
+    return run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", ",".join(SLURM_ACTIVE),
+                "-o", "%i|%T|%r|%j|%D|%b"])  # fmt: skip
+
+
+def user_usage(prefix: str) -> dict[str, int]:
+    """The user's active jobs there, apart from those named `prefix...` (this sweep's)."""
+    return parse_usage(_active_jobs(), prefix).__dict__
+
+
+def by_id(rows: dict[str, Any], job_id: str) -> Any:
+    """A job's sacct row; an array task of an array cancelled before Slurm split it has only
+    its base id's (one line for the whole array)."""
+    return rows.get(job_id) or (rows.get(job_id.split("_")[0]) if "_" in job_id else None)
+
+
+def expand_array(job_id: str) -> list[str]:
+    """`12_[2-3,5]` (sacct's line for array tasks that never started) -> 12_2, 12_3, 12_5."""
+    base, sep, spec = job_id.partition("_[")
+    if not sep:
+        return [job_id]
+    out = []
+    for part in spec.rstrip("]").split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and (high.isdigit() or not high):
+            out += [f"{base}_{i}" for i in range(int(low), int(high or low) + 1)]
+    return out
+
+
+def find_batch(name: str, since: float | None = None) -> list[str]:
+    """Ids of the jobs of one submission (Slurm job name), in array order: for a launcher that
+    never heard sbatch's answer. `since`: the submission's time (sacct looks back from there)."""
+    ids = set()
+    out = run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-n", name, "-o", "%i"])
+    ids.update(line.strip() for line in out.splitlines() if line.strip())
+    start = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 3600)) if since else ("now-7days")
+    )
+    out = run(["sacct", "-X", "-n", "-P", "-S", start, "--name", name, "-o", "JobID"])
+    ids.update(i for line in out.splitlines() if line.strip() for i in expand_array(line.strip()))
+    return sorted(ids, key=_array_order)
+
+
+def _array_order(job_id: str) -> tuple[int, int]:
+    base, _, index = job_id.partition("_")
+    return int(base), int(index or 0)

@@ -1,0 +1,270 @@
+"""Slurm as shared clusters run it, on the testbed: preemption (CANCEL on alpha, REQUEUE on
+beta), a node going DOWN under a job, QOS limits per user, MaxArraySize."""
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from sweep_helpers import (
+    LINGUA_SWEEP,
+    REPO,
+    cancel_leftovers,
+    clean_env,
+    hold_node,
+    journal_records,
+    one_job_per_node,
+    results_rows,
+    slurm,
+    status_json,
+    sweep_cmd,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slurm
+APP = REPO / "tests" / "apps" / "rank_app.py"
+# Long enough for Slurm to decide a preemption (its backfill runs every 2 s here), short enough
+# for the suite: ~30 s of training per job; one thread each, as two jobs share two cores.
+SLOW = ["steps=6000", "logging.freq=100", "logging.val_loss_every=3000",
+        "checkpoint.dump.every=200",
+        'hydra.launcher.setup=["export OMP_NUM_THREADS=1"]']  # fmt: skip
+
+
+def app_cmd(testbed, sweep_dir: Path, conf: Path, *args: str) -> list[str]:
+    return [sys.executable, str(APP), "-m", "hydra/launcher=multicluster",
+            f"hydra.searchpath=[file://{conf}]", "hydra.launcher.poll_interval_s=0.5",
+            "hydra.launcher.probe_every_s=2", f"hydra.sweep.dir={sweep_dir}", *args]  # fmt: skip
+
+
+def conf_with(testbed, dest: Path, cluster: str, **settings) -> Path:
+    """A copy of the testbed's cluster definitions with `settings` changed for one cluster."""
+    import shutil
+
+    shutil.copytree(testbed.conf_dir, dest, dirs_exist_ok=True)
+    path = dest / "cluster" / f"{cluster}.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **settings}))
+    return dest
+
+
+@contextlib.contextmanager
+def capped_qos(testbed, **limits):
+    """QOS `capped` with these per-user limits (sacctmgr names) for the block, then none."""
+    def sacctmgr(values):
+        slurm(testbed, "alpha", "sacctmgr", "-i", "modify", "qos", "capped", "set",
+              *(f"{k}={v}" for k, v in values.items()))  # fmt: skip
+
+    sacctmgr(limits)
+    try:
+        yield
+    finally:
+        sacctmgr(dict.fromkeys(limits, -1))
+
+
+def check_sweep(sweep_dir: Path) -> None:
+    out = subprocess.run([LINGUA_SWEEP, "check", str(sweep_dir)], capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def steps_logged(job_dir: Path) -> list[int]:
+    lines = (job_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "loss/out" in r]
+
+
+def node_of(testbed, cluster: str, job_id: str) -> str:
+    return slurm(testbed, cluster, "squeue", "-h", "-j", job_id, "-o", "%N").strip()
+
+
+def test_preempted_jobs_are_resubmitted_or_requeued_and_resume_from_their_checkpoints(
+    tmp_path, testbed
+):
+    """alpha cancels a preempted job: the launcher submits it again, in its own dir, on alpha.
+    beta requeues a preempted job itself, unless it ended first (the trainer checkpoints on
+    SIGTERM and exits within the grace time): then the launcher submits it again. Either way
+    each resumes from the checkpoint written on SIGTERM."""
+    sweep_dir = tmp_path / "sweep"
+    held = hold_node(testbed, "alpha")  # one alpha node: job #0 there, job #1 on beta
+    cmd = sweep_cmd(testbed, sweep_dir, "seed=1,2", *SLOW, one_job_per_node(testbed),
+                    "hydra.launcher.clusters=[alpha,beta]")  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+
+        def both_checkpointed():
+            ids, dirs = {}, {0: sweep_dir / "0", 1: sweep_dir / "1"}
+            for r in journal_records(sweep_dir):
+                if r["kind"] == "submitted":
+                    ids.update({int(i): (r["cluster"], j) for i, j in r["job_ids"].items()})
+                    dirs.update({int(i): Path(d) for i, d in (r["remote_dirs"] or {}).items()})
+            ckpts = [dirs[i] / "checkpoints" for i in (0, 1)]  # beta's: on its filesystem
+            if len(ids) == 2 and all(p.is_dir() and any(p.iterdir()) for p in ckpts):
+                return ids
+            return None
+
+        ids = wait_for(both_checkpointed, 120, "both jobs to write a checkpoint")
+        assert {c for c, _ in ids.values()} == {"alpha", "beta"}, ids
+        slurm(testbed, "alpha", "scancel", held)
+        for cluster, job_id in ids.values():  # a high-priority job wants the job's node
+            slurm(testbed, cluster, "sbatch", "-p", "urgent", "-N1", "--exclusive",
+                  "-w", node_of(testbed, cluster, job_id), "-o", "/dev/null",
+                  "--wrap", "sleep 1")  # fmt: skip
+        beta_index = next(i for i, (c, _) in ids.items() if c == "beta")
+
+        def beta_back():
+            # Requeued by Slurm if the job outlived the grace time, else submitted again by
+            # the launcher (the trainer checkpoints and exits within it: Slurm calls it FAILED).
+            for r in journal_records(sweep_dir):
+                if r.get("index") == beta_index and r["kind"] == "resubmit":
+                    return "resubmitted"
+                if r.get("index") == beta_index and r.get("reason") == "BeginTime":
+                    return "requeued"
+            return None
+
+        if wait_for(beta_back, 90, "beta's job back in a queue") == "requeued":
+            # Slurm holds a requeued job ~2 minutes; this test is not about that.
+            slurm(testbed, "beta", "scontrol", "update", f"JobId={ids[beta_index][1]}",
+                  "StartTime=now")  # fmt: skip
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    finally:
+        proc.kill()
+        cancel_leftovers(testbed, sweep_dir)
+        slurm(testbed, "alpha", "scancel", held, check=False)
+    records = journal_records(sweep_dir)
+    alpha_index = 1 - beta_index
+    resubmits = {r["index"]: r for r in records if r["kind"] == "resubmit"}
+    assert resubmits[alpha_index]["to"] == "alpha", resubmits
+    assert resubmits[alpha_index]["reason"] == "preempted"
+    assert resubmits.get(beta_index, {"to": "beta"})["to"] == "beta"
+    assert [r["status"] for r in results_rows(sweep_dir)] == ["COMPLETED", "COMPLETED"]
+    for index in (0, 1):
+        steps = steps_logged(sweep_dir / str(index))
+        assert steps == list(range(100, 6001, 100)), steps  # every step once, none repeated
+        log = (sweep_dir / str(index) / "train.log").read_text()
+        assert "resumed from" in log, f"job #{index} started over instead of resuming"
+    check_sweep(sweep_dir)
+
+
+def test_a_job_lost_with_its_node_is_submitted_again(tmp_path, testbed):
+    """A node set DOWN under a job that Slurm may not requeue (--no-requeue): NODE_FAIL, and
+    the launcher submits it again; it completes."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = app_cmd(testbed, sweep_dir, testbed.conf_dir, "value=1", "sleep_s=8",
+                  "hydra.launcher.clusters=[alpha]",
+                  "+hydra.launcher.additional_parameters.no_requeue=true")  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+
+        def running():
+            states = [r for r in journal_records(sweep_dir) if r["kind"] == "state"]
+            return next((r for r in states if r["state"] == "RUNNING"), None)
+
+        wait_for(running, 60, "the job to start")
+        job_id = next(r for r in journal_records(sweep_dir) if r["kind"] == "submitted")[
+            "job_ids"]["0"]  # fmt: skip
+        node = node_of(testbed, "alpha", job_id)
+        slurm(testbed, "alpha", "scontrol", "update", f"NodeName={node}", "State=DOWN",
+              "Reason=lingua-test")  # fmt: skip
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    finally:
+        proc.kill()
+        cancel_leftovers(testbed, sweep_dir)
+    resubmits = [r for r in journal_records(sweep_dir) if r["kind"] == "resubmit"]
+    assert len(resubmits) == 1 and resubmits[0]["reason"] == "node failure", resubmits
+    assert [r["status"] for r in results_rows(sweep_dir)] == ["COMPLETED"]
+    check_sweep(sweep_dir)
+
+
+def test_per_user_limits_are_kept_and_the_qos_reason_is_shown(tmp_path, testbed):
+    """MaxSubmitJobsPerUser=2, MaxJobsPerUser=1: six jobs go through two at a time in the
+    queue (never a refused sbatch), and `status` says why the second one waits."""
+    sweep_dir = tmp_path / "sweep"
+    conf = conf_with(testbed, tmp_path / "conf", "alpha", qos="capped")
+    cmd = app_cmd(testbed, sweep_dir, conf, "value=1,2,3,4,5,6", "sleep_s=3",
+                  "hydra.launcher.clusters=[alpha]")  # fmt: skip
+    with capped_qos(testbed, MaxJobsPerUser=1, MaxSubmitJobsPerUser=2):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+
+            def qos_reason_in_status():
+                if not (sweep_dir / "journal.jsonl").exists():
+                    return None
+                notes = [j["note"] for j in status_json(sweep_dir)["jobs"]]
+                return next((n for n in notes if "QOSMaxJobsPerUserLimit" in n), None)
+
+            note = wait_for(qos_reason_in_status, 60, "status to show the QOS reason")
+            assert note == "QOS limit: running jobs per user (QOSMaxJobsPerUserLimit)"
+            assert proc.wait(timeout=180) == 0, proc.stderr.read()[-3000:]
+        finally:
+            proc.kill()
+            cancel_leftovers(testbed, sweep_dir)
+    records = journal_records(sweep_dir)
+    assert [r for r in records if r["kind"] == "unsubmitted"] == []  # no refusal at all
+    assert [r["status"] for r in results_rows(sweep_dir)] == ["COMPLETED"] * 6
+    check_sweep(sweep_dir)
+
+
+def test_a_job_pending_on_a_qos_limit_moves_where_there_is_room_within_a_probe(
+    tmp_path, testbed
+):
+    """alpha's QOS lets one job run; beta is full, so the second job queues on alpha behind the
+    limit. Once beta frees a node it moves there at the next probe, not after max_pending_s."""
+    sweep_dir = tmp_path / "sweep"
+    conf = conf_with(testbed, tmp_path / "conf", "alpha", qos="capped")
+    holds = [hold_node(testbed, "beta"), hold_node(testbed, "beta")]
+    cmd = app_cmd(testbed, sweep_dir, conf, "value=1,2", "sleep_s=25",
+                  "hydra.launcher.clusters=[alpha,beta]",
+                  f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}")  # fmt: skip
+    with capped_qos(testbed, MaxJobsPerUser=1):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+
+            def waiting_on_the_limit():
+                return any(r["kind"] == "state" and r.get("reason") == "QOSMaxJobsPerUserLimit"
+                           for r in journal_records(sweep_dir))  # fmt: skip
+
+            wait_for(waiting_on_the_limit, 60, "a job pending on the QOS limit")
+            freed = time.time()
+            slurm(testbed, "beta", "scancel", *holds)
+            moved = wait_for(lambda: next((r for r in journal_records(sweep_dir)
+                                           if r["kind"] == "stop"), None),
+                             30, "the job's move")  # fmt: skip
+            assert moved["to"] == "beta" and "QOSMaxJobsPerUserLimit" in moved["note"], moved
+            # a probe (2 s) and a poll after beta's nodes are free; not max_pending_s (600 s)
+            assert moved["t"] - freed < 15, moved["t"] - freed
+            assert proc.wait(timeout=180) == 0, proc.stderr.read()[-3000:]
+        finally:
+            proc.kill()
+            cancel_leftovers(testbed, sweep_dir)
+            slurm(testbed, "beta", "scancel", *holds, check=False)
+    rows = results_rows(sweep_dir)
+    assert [r["status"] for r in rows] == ["COMPLETED", "COMPLETED"]
+    assert sorted(r["cluster"] for r in rows) == ["alpha", "beta"]
+    check_sweep(sweep_dir)
+
+
+def test_arrays_are_split_to_fit_max_array_size(tmp_path, testbed):
+    from slurm_testbed import set_slurm_conf
+
+    sweep_dir = tmp_path / "sweep"
+    cmd = app_cmd(testbed, sweep_dir, testbed.conf_dir, "value=1,2,3,4,5,6,7",
+                  "hydra.launcher.clusters=[alpha]")  # fmt: skip
+    set_slurm_conf("alpha", {"MaxArraySize": "3"}, testbed.state_dir)
+    try:
+        out = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True,
+                             text=True, timeout=180)  # fmt: skip
+    finally:
+        set_slurm_conf("alpha", {"MaxArraySize": None}, testbed.state_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = journal_records(sweep_dir)
+    sizes = [len(r["job_ids"]) for r in records if r["kind"] == "submitted"]
+    assert sum(sizes) == 7 and max(sizes) <= 3, sizes
+    assert [r for r in records if r["kind"] == "unsubmitted"] == []
+    assert [r["status"] for r in results_rows(sweep_dir)] == ["COMPLETED"] * 7
+    check_sweep(sweep_dir)
