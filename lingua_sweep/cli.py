@@ -104,6 +104,13 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     rows = results.collect(args.sweep_dir)
     title = results_table.optuna_summary(args.sweep_dir)
+    datas = sorted({r.data for r in rows if r.data})
+    if len(datas) > 1:
+        print(
+            f"warning: these jobs trained on {len(datas)} different data sets (column `data`: "
+            "fingerprints of their files); compare only rows with the same",
+            file=sys.stderr,
+        )
     if args.format == "md":
         text = results_table.to_markdown(rows)
     elif args.format == "csv":

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -96,6 +96,20 @@ def resolve_data_paths(cfg: DataConfig, *, cluster: str | None = None) -> tuple[
     if not val.is_file():
         raise UserError(f"val file {val} does not exist ({origin}); {fix} or data.val_file=<path>")
     return files, val
+
+
+def data_identity(cfg: DataConfig) -> dict[str, Any]:
+    """What a run trained and validated on, for telling results apart: the val file, how many
+    train files, and a fingerprint of their paths, sizes and modification times (cheap: no
+    file is read). Two runs with different fingerprints saw different data."""
+    import hashlib
+
+    files, val = resolve_data_paths(cfg)
+    digest = hashlib.sha1()
+    for path in [*files, val]:
+        info = path.stat()
+        digest.update(f"{path.name}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+    return {"val_file": str(val), "train_files": len(files), "fingerprint": digest.hexdigest()[:10]}
 
 
 def check_data_files(cfg: DataConfig, *, cluster: str | None = None) -> None:

@@ -6,6 +6,7 @@ Per job `<sweep dir>/<n>/`:
   config.yaml             the resolved TrainConfig; else Hydra's composed `.hydra/config.yaml`
   metrics.jsonl           one JSON object per line, each with `step`
   status.json             written by the multicluster launcher's job wrapper (may be absent)
+  data.json               the data the trainer read (lingua_sweep.data.data_identity)
 Optuna sweeps also write `<sweep dir>/optimization_results.yaml` at the end. A multicluster sweep
 has `<sweep dir>/journal.jsonl`: where it exists, it is the truth on each job's final state
 (PRUNED, CANCELLED), its trial number, the step it stopped at and its time on a node.
@@ -27,7 +28,7 @@ import yaml
 from lingua_sweep import metrics as metrics_lib
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep.journal import JobEntry, Journal, SweepState
-from lingua_sweep.sweep.layout import job_dir
+from lingua_sweep.sweep.layout import DATA_FILE, job_dir
 
 STATUSES = ("COMPLETED", "FAILED", "PRUNED", "CANCELLED", "RUNNING", "PREEMPTED", "PENDING",
             "UNKNOWN")  # fmt: skip
@@ -64,6 +65,7 @@ class JobResult:
     objective: float | None = None  # Optuna only: the value the trial returned
     maximize: bool = False  # Optuna only: the study's direction
     best: bool = False
+    data: str = ""  # the data's fingerprint (data.json, written by the trainer)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -334,6 +336,7 @@ def _job_result(
         scheduler=_get(cfg, "optim.scheduler") or overrides.get("optim.scheduler"),
         trial=trial if trial is not None else (num if optuna else None),
         objective=objective,
+        data=str(_read_json(job_dir / DATA_FILE).get("fingerprint") or ""),
     )
 
 

@@ -64,6 +64,8 @@ def _display_columns(rows: list[JobResult], *, split_error: bool = False) -> lis
         ("tok/s", lambda r: "" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"),
         ("wall", lambda r: fmt_duration(r.wall_s)),
     ]
+    if len({r.data for r in rows if r.data}) > 1:  # rows trained on different data
+        columns.append(("data", lambda r: r.data))
     if split_error and any(r.error for r in rows):
         columns.append(("error", lambda r: r.error or ""))
     if any(r.wandb_run for r in rows):  # an always-empty column only costs width
@@ -168,7 +170,7 @@ def to_csv(rows: list[JobResult]) -> str:
     params = list(rows[0].params) if rows else []
     header = ["job", *(["trial", "objective"] if optuna else []), *params]
     header += ["cluster", "status", "error", "step", "steps", "final_val_loss", "best_val_loss"]
-    header += ["tokens_per_s", "wall_s", "wandb_run", "best"]
+    header += ["tokens_per_s", "wall_s", "wandb_run", "best", "data"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -177,7 +179,7 @@ def to_csv(rows: list[JobResult]) -> str:
         record += [r.params.get(key, "") for key in params]
         record += [r.cluster, r.status, r.error, r.step, r.steps, r.final_val, r.best_val]
         record += [r.tokens_per_s, None if r.wall_s is None else round(r.wall_s, 1)]
-        record += [r.wandb_run, "true" if r.best else "false"]
+        record += [r.wandb_run, "true" if r.best else "false", r.data]
         writer.writerow(["" if v is None else v for v in record])
     return buffer.getvalue()
 

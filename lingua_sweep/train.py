@@ -33,9 +33,15 @@ from omegaconf import OmegaConf
 
 from lingua_sweep import checkpoint, distributed, metrics, model, optim
 from lingua_sweep.config import TrainConfig
-from lingua_sweep.data import build_train_loader, build_val_batches, resolve_data_paths
+from lingua_sweep.data import (
+    build_train_loader,
+    build_val_batches,
+    data_identity,
+    resolve_data_paths,
+)
 from lingua_sweep.errors import UserError
 from lingua_sweep.preflight import preflight
+from lingua_sweep.sweep.layout import DATA_FILE
 from lingua_sweep.tokenizer import build_tokenizer, check_vocab_size
 
 log = logging.getLogger(__name__)
@@ -271,6 +277,8 @@ def _start_run_files(tc: TrainConfig, run_dir: Path, resumed_step: int | None) -
         raise metrics.output_error(path, e) from e
     last = -1 if resumed_step is None else resumed_step
     metrics.truncate_metrics(run_dir / "metrics.jsonl", last)
+    # Which data this run saw, so results never compare runs on different data silently.
+    (run_dir / DATA_FILE).write_text(json.dumps(data_identity(tc.data)) + "\n")
 
 
 def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: str) -> float:

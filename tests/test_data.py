@@ -422,3 +422,17 @@ def test_batches_own_their_memory(tmp_path, tok):
         x2, _ = next(loader)
     assert isinstance(x, torch.Tensor) and not isinstance(x, np.ndarray)
     assert x2[0, 0] == y[-1, -1]
+
+
+def test_data_identity_changes_with_the_data_and_reads_no_file(tmp_path):
+    from lingua_sweep.config import DataConfig
+    from lingua_sweep.data import data_identity
+
+    (tmp_path / "train_0.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "val.jsonl").write_text('{"text": "b"}\n')
+    cfg = DataConfig(root=str(tmp_path), train_files="train_*.jsonl", val_file="val.jsonl")
+    first = data_identity(cfg)
+    assert first["train_files"] == 1 and first["val_file"] == str(tmp_path / "val.jsonl")
+    assert data_identity(cfg) == first
+    (tmp_path / "val.jsonl").write_text('{"text": "bb"}\n')
+    assert data_identity(cfg)["fingerprint"] != first["fingerprint"]

@@ -587,7 +587,7 @@ def test_wandb_column_empty_when_wandb_never_ran(tmp_path):
 
 
 def test_torn_and_invalid_metrics_lines_are_skipped(tmp_path):
-    from lingua_sweep.sweep.async_optuna import val_losses
+    from lingua_sweep.sweep.tails import val_losses
 
     good = [
         {"step": 10, "time": T0, "loss/val": 5.0},
@@ -726,3 +726,18 @@ def test_cli_csv_and_bad_format_in_process(grid_sweep, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["results", str(grid_sweep), "--format", "html"])
     assert exit_info.value.code == 2
+
+
+def test_rows_trained_on_different_data_are_told_apart(grid_sweep, capsys):
+    for job, fingerprint in [(0, "aaaa111111"), (1, "bbbb222222"), (2, "aaaa111111")]:
+        data = {"val_file": "/data/val.jsonl", "train_files": 2, "fingerprint": fingerprint}
+        (grid_sweep / str(job) / "data.json").write_text(json.dumps(data))
+    rows = results.collect(grid_sweep)
+    assert {r.job: r.data for r in rows if r.data} == {0: "aaaa111111", 1: "bbbb222222",
+                                                       2: "aaaa111111"}  # fmt: skip
+    table = list(csv.DictReader(io.StringIO(results_table.to_csv(rows))))
+    assert {t["job"]: t["data"] for t in table}["1"] == "bbbb222222"
+    assert main(["results", str(grid_sweep), "--format", "md"]) == 0
+    captured = capsys.readouterr()
+    assert "trained on 2 different data sets" in captured.err
+    assert "bbbb222222" in captured.out  # a `data` column, only when the data differ

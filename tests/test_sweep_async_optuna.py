@@ -131,11 +131,16 @@ def test_a_killed_launcher_is_resumed_and_the_study_ends_at_n_trials(tmp_path):
     assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}
 
 
-def test_ctrl_c_cancels_the_running_trials_and_fails_them_in_the_study(tmp_path):
+def test_ctrl_c_stops_trials_without_failing_them_and_a_resume_reruns_their_params(tmp_path):
+    """Ctrl-C at trials 0 and 1: their jobs are cancelled, the study marks them stopped (not
+    failures, not counted), and the resumed search runs their parameters again and ends with
+    n_trials finished trials, none failed."""
     sweep = tmp_path / "sweep"
-    cmd = local_cmd(sweep, "hydra.sweeper.n_trials=4", "steps=100000")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    args = ["hydra.sweeper.n_trials=3", "steps=400", "logging.val_loss_every=200",
+            "optim.lr=tag(log,interval(1e-4,1e-2))", "hydra.sweeper.sampler.seed=0",
+            "hydra.sweeper.max_failure_rate=0.0"]  # fmt: skip
+    proc = subprocess.Popen(local_cmd(sweep, *args), cwd=tmp_path, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -148,7 +153,19 @@ def test_ctrl_c_cancels_the_running_trials_and_fails_them_in_the_study(tmp_path)
         proc.kill()
     results = {r["index"]: r["status"] for r in journal_records(sweep) if r["kind"] == "result"}
     assert results == {0: "CANCELLED", 1: "CANCELLED"}  # and no third trial was asked
-    assert [t.state.name for t in study_of(sweep).trials] == ["FAIL", "FAIL"]
+    trials = study_of(sweep).trials
+    assert [(t.state.name, t.user_attrs.get("stopped")) for t in trials[:2]] == [
+        ("FAIL", True), ("FAIL", True)]  # fmt: skip
+    stopped_params = [t.params for t in trials[:2]]
+
+    result = run_local(tmp_path, *args)  # max_failure_rate=0: one failure would stop it
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = study_of(sweep).trials
+    counted = [t for t in trials if t.user_attrs.get("stopped") is not True]
+    assert [t.state.name for t in counted] == ["COMPLETE"] * 3
+    reruns = {t.user_attrs["retry_of"]: t.params for t in counted if "retry_of" in t.user_attrs}
+    assert reruns == {0: stopped_params[0], 1: stopped_params[1]}
+    assert "alembic" not in result.stderr and "A new study created" not in result.stderr
 
 
 def test_a_trial_asked_but_never_recorded_runs_with_its_params(tmp_path):
@@ -160,15 +177,15 @@ def test_a_trial_asked_but_never_recorded_runs_with_its_params(tmp_path):
     trial = study.ask()
     trial.set_user_attr("sweep_dir", str(sweep.resolve()))  # this sweep asked for it
     trial.suggest_float("optim.lr", 1e-4, 1e-2, log=True)
-    study.ask()  # another sweep's trial in the same study: not ours to run
+    study.ask()  # killed between ask() and its sweep attribute: in the sweep's own study
     result = run_local(tmp_path, "hydra.sweeper.n_trials=3", "steps=12",
                        "optim.lr=tag(log,interval(1e-4,1e-2))")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = {r["index"]: r for r in journal_records(sweep) if r["kind"] == "job"}
-    assert [jobs[i]["trial"] for i in sorted(jobs)] == [0, 2]  # n_trials counts trial 1 too
-    assert "optim.lr=0.00123" in jobs[0]["overrides"]
+    assert sorted(jobs[i]["trial"] for i in jobs) == [0, 1, 2]  # both adopted, one more asked
+    assert "optim.lr=0.00123" in next(j for j in jobs.values() if j["trial"] == 0)["overrides"]
     states = [t.state.name for t in study_of(sweep).trials]
-    assert states == ["COMPLETE", "RUNNING", "COMPLETE"]
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE"]  # none left RUNNING for good
 
 
 @pytest.mark.parametrize(

@@ -239,3 +239,27 @@ def test_two_sweeps_keep_their_own_code_on_the_login_node(tmp_path, testbed, ssh
     assert snapshots["first"] != snapshots["second"]
     for marker, snapshot in snapshots.items():  # the second sweep changed nothing of the first
         assert slurm(testbed, "beta", "cat", f"{snapshot}/MARKER") == marker
+
+
+def test_a_sweep_that_ran_on_slurm_never_falls_back_to_this_machine():
+    """No Slurm cluster answers (a network blip): jobs of a sweep that ran on one wait for it,
+    they do not train here on other data, unless `local` was named."""
+    from types import SimpleNamespace
+
+    from lingua_sweep.sweep.controller import Controller
+    from lingua_sweep.sweep.journal import replay
+    from lingua_sweep.sweep.params import LauncherParams
+
+    registry = {"alpha": SimpleNamespace(slurm=True), "local": SimpleNamespace(slurm=False)}
+    fresh = replay([])
+    used = replay([])
+    used.known_ids[("alpha", "12")] = 0
+
+    def local_ok(state, reachable, **params):
+        c = SimpleNamespace(p=LauncherParams(**params), registry=registry, state=state)
+        return Controller._local_ok(c, reachable)
+
+    assert local_ok(fresh, [])  # a laptop with no Slurm at all: here
+    assert not local_ok(used, [])  # ran on alpha: wait for it
+    assert local_ok(used, [], clusters=["alpha", "local"])  # named: the user's choice
+    assert not local_ok(fresh, ["alpha"])  # Slurm answers: never here

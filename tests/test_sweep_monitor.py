@@ -31,7 +31,7 @@ def make_sweep(tmp_path):
 
 
 def controller_for(tmp_path, journal):
-    return SimpleNamespace(state=journal.replay(), sweep_dir=tmp_path, metrics={},
+    return SimpleNamespace(state=journal.replay(), sweep_dir=tmp_path, tails={},
                            configs={0: {"steps": 100}}, links={})  # fmt: skip
 
 

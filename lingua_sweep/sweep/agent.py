@@ -32,6 +32,7 @@ from lingua_sweep.sweep.layout import STATUS_FILE
 from lingua_sweep.sweep.limits import classify_refusal
 from lingua_sweep.sweep.slurm_queries import find_batch
 from lingua_sweep.sweep.states import RESUBMIT_ENDS, SLURM_ENDED, WHY_FAILED
+from lingua_sweep.sweep.tails import read_piece
 
 # --- submitting -----------------------------------------------------------------------------
 
@@ -195,24 +196,10 @@ def outcome(folder: str, job_id: str, tasks: int, state: dict[str, str]) -> dict
             "missing": slurm_state == "COMPLETED"}  # fmt: skip
 
 
-def tail_text(path: str, max_bytes: int = 200_000) -> str | None:
-    """The end of a (growing) text file, from a line start; None when it does not exist."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return None
-    if size > max_bytes:
-        data = data.split(b"\n", 1)[-1]
-    return data.decode(errors="replace")
-
-
 def poll(request: dict[str, Any], *, slurm: bool) -> dict[str, Any]:
     """One poll of a cluster: every job's state, the outcomes of final ones, and file tails.
 
-    request: {"jobs": [{"id", "folder", "tasks", "dir"}], "files": [path, ...], "prefix": str}
+    request: {"jobs": [{"id", "folder", "tasks", "dir"}], "files": {path: offset}, "prefix": str}
     Each job's state says `ran` once its dir holds a status.json written by that very job (it
     started, even if the launcher never saw it RUNNING); `named` lists the active jobs whose
     name starts with `prefix` (so the launcher can tell its own from strays).
@@ -240,7 +227,7 @@ def poll(request: dict[str, Any], *, slurm: bool) -> dict[str, Any]:
                 # sends SIGTERM too; those end CANCELLED or TIMEOUT and stay so.)
                 state = {**state, "state": "PREEMPTED"}
             outcomes[j["id"]] = outcome(j["folder"], j["id"], j["tasks"], state)
-    files = {path: tail_text(path) for path in request.get("files", [])}
+    files = {path: read_piece(path, offset) for path, offset in request.get("files", {}).items()}
     return {"states": states, "outcomes": outcomes, "files": files, "named": named, "usage": usage}
 
 

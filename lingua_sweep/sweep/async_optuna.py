@@ -17,8 +17,10 @@ Its config surface and override grammar are hydra-optuna-sweeper's: this class i
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -27,7 +29,6 @@ from optuna.trial import Trial, TrialState
 
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lingua_sweep.errors import UserError
-from lingua_sweep.metrics import parse_records
 from lingua_sweep.sweep.compose import experiment_name
 from lingua_sweep.sweep.journal import decode_value
 from lingua_sweep.sweep.launch import (
@@ -42,9 +43,18 @@ from lingua_sweep.sweep.monitor import Monitor
 from lingua_sweep.sweep.params import LauncherParams
 
 log = logging.getLogger(__name__)
-REPORTED_KEY = "loss/val"
 # Marks the trials this sweep asked for: a study in a shared storage has other sweeps' trials.
 SWEEP_ATTR = "sweep_dir"
+# A trial whose job was cancelled (Ctrl-C, `lingua-sweep cancel`, a scancel) is told FAIL with
+# `stopped` True: it is not a failure of its parameters, counts toward neither n_trials nor
+# max_failure_rate, and its parameters are enqueued again (`retry_of` on the new trial).
+STOPPED_ATTR = "stopped"
+RETRY_ATTR = "retry_of"
+
+
+def counted(t) -> bool:
+    """Whether a trial is one of the study's n_trials: asked, and not stopped by a person."""
+    return t.state != TrialState.WAITING and t.user_attrs.get(STOPPED_ATTR) is not True
 
 
 @dataclass
@@ -104,6 +114,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
                                 "study": {"name": name, "directions": directions}})  # fmt: skip
         try:
             OmegaConf.save(self.config, controller.sweep_dir / "multirun.yaml")
+            quiet_storage_logs()
             self.study = optuna.create_study(
                 study_name=name,
                 storage=self.storage or f"sqlite:///{controller.sweep_dir / 'optuna.db'}",
@@ -163,10 +174,11 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         self.next_index = max(c.state.jobs, default=-1) + 1
         by_trial = {j.trial: j for j in c.state.jobs.values() if j.trial is not None}
         trials = self.study.get_trials(deepcopy=False)
-        self.n_asked = len(trials)
+        self.n_asked = sum(map(counted, trials))
         if trials:  # a seeded sampler would otherwise propose the first run's trials again
             self.study.sampler.reseed_rng()
-            log.info("study %s: continuing after %d trial(s)", self.study.study_name, len(trials))
+            log.info("study %s: continuing after %d trial(s)", self.study.study_name,
+                     self.n_asked)  # fmt: skip
         for t in trials:
             if t.state != TrialState.RUNNING:
                 continue
@@ -174,9 +186,27 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
             if job is not None:
                 trial = Trial(self.study, t._trial_id)
                 self.flights[t.number] = Flight(job.index, trial, set(t.intermediate_values))
-            elif t.user_attrs.get(SWEEP_ATTR) == str(c.sweep_dir):
+            elif self._ours(t):
                 self._start(Trial(self.study, t._trial_id))  # asked; killed before its record
+        # Stopped trials whose parameters a kill left unenqueued.
+        retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+        for t in trials:
+            if t.user_attrs.get(STOPPED_ATTR) is True and t.number not in retried and self._ours(t):
+                self._retry_later(t.number, t.params)
         self._settle()
+
+    def _ours(self, t) -> bool:
+        """A trial of this sweep: its study is the sweep's own (optuna.db in the sweep dir),
+        or it says it is this sweep dir, however that dir was spelled then (a kill between
+        `ask` and the attribute leaves none: in a shared storage such a trial is unknowable)."""
+        if not self.storage:
+            return True
+        recorded = t.user_attrs.get(SWEEP_ATTR)
+        return recorded is not None and same_dir(recorded, self.controller.sweep_dir)
+
+    def _retry_later(self, number: int, params: dict[str, Any]) -> None:
+        self.study.enqueue_trial(params, user_attrs={RETRY_ATTR: number})
+        log.info("trial %d was stopped: its parameters are enqueued again", number)
 
     def _loop(self, poll_interval_s: float) -> None:
         c = self.controller
@@ -235,7 +265,8 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
                 or len(self.study.directions) > 1
             ):
                 continue
-            new = {s: v for s, v in val_losses(c.metrics.get(flight.index)).items()
+            tail = c.tails.get(flight.index)
+            new = {s: v for s, v in (tail.val if tail else {}).items()
                    if s not in flight.reported}  # fmt: skip
             for step in sorted(new):
                 flight.trial.report(new[step], step)
@@ -267,9 +298,15 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
                     error = f"the task returned {decode_value(result)!r}: {e}"
             elif result.get("status") == "PRUNED":
                 state = TrialState.PRUNED
+            stopped = result.get("status") == "CANCELLED"
+            if stopped:
+                flight.trial.set_user_attr(STOPPED_ATTR, True)
+                self.n_asked -= 1  # not one of n_trials: its parameters run again
             if state == TrialState.FAIL and error:
                 flight.trial.set_user_attr("error", str(error)[:1000])
             self._tell(flight.trial, state, values)
+            if stopped:
+                self._retry_later(number, flight.trial.params)
             log.info("trial %d (job #%d): %s%s", number, flight.index, state.name,
                      f" {values}" if values else f": {error}" if error else "")  # fmt: skip
         if ended:
@@ -292,7 +329,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
 
     def _check_failures(self) -> None:
         trials = self.study.get_trials(deepcopy=False)
-        finished = [t for t in trials if t.state.is_finished()]
+        finished = [t for t in trials if t.state.is_finished() and counted(t)]
         failed = sum(t.state == TrialState.FAIL for t in finished)
         # Over at least n_jobs trials: one early failure is not yet a rate.
         if failed > self.max_failure_rate * max(len(finished), self.n_jobs):
@@ -306,10 +343,13 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
 
     def _write_results(self) -> str | None:
         """optimization_results.yaml, as hydra-optuna-sweeper writes it; the problem, if any."""
-        trials = self.study.get_trials(deepcopy=False)
+        every = self.study.get_trials(deepcopy=False)
+        trials = [t for t in every if counted(t)]
         counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if s.is_finished()}
         out: dict[str, Any] = {"name": "async_optuna", "study_name": self.study.study_name,
-                               "n_trials": len(trials), "states": counts}  # fmt: skip
+                               "n_trials": len(trials), "states": counts,
+                               "stopped": sum(t.state.is_finished() for t in every) - sum(
+                                   counts.values())}  # fmt: skip
         if counts["COMPLETE"] and len(self.study.directions) == 1:
             best = self.study.best_trial
             out |= {"best_params": best.params, "best_value": best.value, "best_trial": best.number}
@@ -326,17 +366,22 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         return None
 
 
+def quiet_storage_logs() -> None:
+    """The study's storage says nothing a person needs on the console (alembic's plugin setup
+    lines, Optuna's "A new study created"): warnings and errors only."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def same_dir(a: str | Path, b: str | Path) -> bool:
+    """The same directory, however spelled (a symlink, another mount of it)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def edges(dist) -> list[Any]:
     """The values worth validating of a distribution: every choice, or both ends of a range."""
     choices = getattr(dist, "choices", None)
     return list(choices) if choices is not None else [dist.low, dist.high]
-
-
-def val_losses(metrics_text: str | None) -> dict[int, float]:
-    """{step: loss/val} of a metrics.jsonl text; non-finite values skipped."""
-    out = {}
-    for record in parse_records(metrics_text):
-        value = record.get(REPORTED_KEY)
-        if type(value) in (int, float) and math.isfinite(value):
-            out[record["step"]] = float(value)
-    return out

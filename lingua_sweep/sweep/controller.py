@@ -35,6 +35,7 @@ from lingua_sweep.sweep.link import Link
 from lingua_sweep.sweep.params import WHEN_BUSY, LauncherParams
 from lingua_sweep.sweep.states import WAITING, not_soon, pending_words
 from lingua_sweep.sweep.submit import Submitter
+from lingua_sweep.sweep.tails import Tail
 from lingua_sweep.sweep.watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class Controller:
         self.submitter = Submitter(self)
         self.configs: dict[int, Any] = {}  # job index -> composed config, this process only
         self.composed_for: dict[int, tuple] = {}  # job index -> (cluster, sweep dir) of configs
-        self.metrics: dict[int, str] = {}  # job index -> metrics.jsonl text of a running job
+        self.tails: dict[int, Tail] = {}  # job index -> what polls read of its metrics
         self.returns: dict[int, Any] = {}  # job index -> Hydra's JobReturn, as the job made it
         self.on_result: Callable[[JobEntry], None] | None = None
         self.want_metrics = False
@@ -290,7 +291,8 @@ class Controller:
         self._probe()
         rooms = self.rooms()
         reachable = self._reachable_slurm()
-        order = [n for n in self.names if n in rooms and (self.registry[n].slurm or not reachable)]
+        local_ok = self._local_ok(reachable)
+        order = [n for n in self.names if n in rooms and (self.registry[n].slurm or local_ok)]
         queue_on = reachable[0] if reachable else None
         if not reachable and not any(not self.registry[n].slurm for n in order):
             if not self.submitted_any:
@@ -314,6 +316,19 @@ class Controller:
             else:  # one process each: a kill between two of them loses nothing
                 for job in share:
                     self._submit(self.links[name], [job])
+
+    def _local_ok(self, reachable: list[str]) -> bool:
+        """Whether jobs may run on this machine now: when no Slurm cluster is reachable, and
+        either the user named `local` or this sweep never ran on Slurm (a laptop without one).
+        A sweep that ran on a cluster never falls back here in a network blip: on this
+        machine's data, its results would not be comparable."""
+        if reachable:
+            return False
+        named = {*(self.p.clusters or []), *([self.p.cluster] if self.p.cluster else [])}
+        if any(not self.registry[n].slurm for n in named):
+            return True
+        return not any(cl in self.registry and self.registry[cl].slurm
+                       for cl, _ in self.state.known_ids)  # fmt: skip
 
     def _submit(self, link: Link, share: list[JobEntry]) -> None:
         if not link.can_submit:

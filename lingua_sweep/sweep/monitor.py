@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from lingua_sweep.metrics import parse_records
 from lingua_sweep.sweep import layout
 from lingua_sweep.sweep.journal import FINAL
 from lingua_sweep.sweep.states import pending_words
+from lingua_sweep.sweep.tails import Tail, progress
 
 PLAIN_EVERY_S = 30.0
 STYLES = {
@@ -40,30 +40,28 @@ class Row:
     note: str
 
 
-def progress(metrics_text: str | None) -> tuple[int | None, float | None]:
-    """(last step, last loss) of a metrics.jsonl text."""
-    step = loss = None
-    for record in parse_records(metrics_text):
-        step = record["step"]
-        for key in ("loss/val", "loss/out", "loss/init"):
-            if isinstance(record.get(key), int | float):
-                loss = record[key]
-                break
-    return step, loss
-
-
-def job_rows(state, sweep_dir: Path, live_metrics: dict[int, str], totals: dict[int, int]):
+def job_rows(
+    state, sweep_dir: Path, live: dict[int, Tail], totals: dict[int, int], ended: dict | None = None
+):
+    """The table's rows: running jobs' progress from their tails (what polls brought), the
+    others' from the metrics.jsonl in their local dir, read once per ended job with `ended`
+    (a cache the caller keeps)."""
     now = time.time()
     rows = []
     jobs = sorted(state.jobs.values(), key=lambda j: j.index)
     # Only what varies says which job is which; the overrides all jobs share are noise.
     shared = set.intersection(*(set(j.overrides) for j in jobs)) if len(jobs) > 1 else set()
     for job in jobs:
-        text = live_metrics.get(job.index)
-        if text is None:
+        tail = live.get(job.index)
+        if tail is not None and not job.final:
+            step, loss = tail.step, tail.loss
+        elif ended is not None and job.final and job.index in ended:
+            step, loss = ended[job.index]
+        else:
             path = Path(layout.job_dir(sweep_dir, job.index)) / layout.METRICS_FILE
-            text = path.read_text(errors="replace") if path.exists() else None
-        step, loss = progress(text)
+            step, loss = progress(path.read_text(errors="replace") if path.exists() else None)
+            if ended is not None and job.final:
+                ended[job.index] = (step, loss)
         if job.result and job.result.get("step") is not None:
             step = job.result["step"]
         end = job.ended_at or now
@@ -129,11 +127,12 @@ class Monitor:
         self.live = self.console.is_terminal if live is None else live
         self._live: Live | None = None
         self._seen: dict[int, str] = {}
+        self._ended: dict[int, tuple] = {}  # ended jobs' (step, loss), read once
         self._last_plain = 0.0
 
     def update(self, controller) -> None:
-        rows = job_rows(controller.state, controller.sweep_dir, controller.metrics,
-                        _totals(controller))  # fmt: skip
+        rows = job_rows(controller.state, controller.sweep_dir, controller.tails,
+                        _totals(controller), self._ended)  # fmt: skip
         down = [f"{n}: {link.reason}" for n, link in controller.links.items() if link.reason]
         note = ("unreachable: " + "; ".join(down)) if down else ""
         if self.live:
@@ -168,7 +167,7 @@ class Monitor:
 
     def summary(self, controller) -> None:
         self.stop()
-        rows = job_rows(controller.state, controller.sweep_dir, controller.metrics,
+        rows = job_rows(controller.state, controller.sweep_dir, controller.tails,
                         _totals(controller))  # fmt: skip
         console = Console(file=self.stream, width=max(self.console.width, 100))
         console.print(render(rows, title=f"sweep summary  ·  {totals_line(rows)}"))

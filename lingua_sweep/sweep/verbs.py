@@ -20,6 +20,7 @@ from lingua_sweep.sweep.journal import Journal
 from lingua_sweep.sweep.monitor import job_rows, render, totals_line
 from lingua_sweep.sweep.params import LauncherParams
 from lingua_sweep.sweep.states import FINAL, pending_words
+from lingua_sweep.sweep.tails import Tail
 
 
 def open_journal(sweep_dir: str | Path) -> Journal:
@@ -67,10 +68,10 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
             for j in mine:
                 live = reply["states"].get(j.job_id, {})
                 live_states[j.index] = (live.get("state", "UNKNOWN"), live.get("reason"))
-                text = reply["files"].get(controller.metrics_path(j))
-                if text:
-                    controller.metrics[j.index] = text
-    rows = job_rows(controller.state, controller.sweep_dir, controller.metrics,
+                piece = reply["files"].get(controller.metrics_path(j))
+                if piece is not None:
+                    controller.tails.setdefault(j.index, Tail()).feed(piece)
+    rows = job_rows(controller.state, controller.sweep_dir, controller.tails,
                     _total_steps(controller))  # fmt: skip
     for row in rows:
         if row.index in live_states and row.state not in FINAL:

@@ -18,6 +18,7 @@ from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.link import Link
 from lingua_sweep.sweep.states import HELD, HELD_REASONS
+from lingua_sweep.sweep.tails import Tail
 
 log = logging.getLogger(__name__)
 # A job Slurm says COMPLETED whose results are not there yet (a network filesystem shows files
@@ -43,11 +44,12 @@ class Watcher:
                 {"id": j.job_id, "folder": j.folder, "tasks": j.tasks, "dir": c.job_dir(j)}
                 for j in mine
             ],  # fmt: skip
-            "files": [
-                c.metrics_path(j)
+            # Each from where the last poll left off: only what is new comes over.
+            "files": {
+                c.metrics_path(j): getattr(c.tails.get(j.index), "offset", None)
                 for j in mine
                 if files == "open" or (files == "running" and j.state == "RUNNING")
-            ],
+            },
             "prefix": c.prefix,
         }
         return mine, request
@@ -138,9 +140,9 @@ class Watcher:
                 # Held after a requeue: it never starts alone. Cancelled, then submitted again.
                 c.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
                          status="RESUBMIT", note=f"held by Slurm ({reason or state})")  # fmt: skip
-            text = reply["files"].get(c.metrics_path(job))
-            if text:
-                c.metrics[job.index] = text
+            piece = reply["files"].get(c.metrics_path(job))
+            if piece is not None:
+                c.tails.setdefault(job.index, Tail()).feed(piece)
 
     def _note_strays(self, cluster: str, named: dict[str, str]) -> None:
         """Active jobs with this sweep's name: one the journal does not know (and no open
@@ -167,6 +169,7 @@ class Watcher:
 
     def finish(self, job: JobEntry, outcome: dict[str, Any]) -> None:
         c = self.c
+        c.tails.pop(job.index, None)  # its metrics are read from its dir from now on
         local_dir = Path(layout.job_dir(c.sweep_dir, job.index))
         status, error, step = outcome["status"], outcome.get("error"), outcome.get("step")
         stop = job.stopping
