@@ -6,6 +6,7 @@ lingua-sweep status SWEEP_DIR [--json] [--offline]
 lingua-sweep resume SWEEP_DIR
 lingua-sweep cancel SWEEP_DIR
 lingua-sweep check SWEEP_DIR [--json] [--settle S]
+lingua-sweep dashboard SWEEP_DIR [--port N] [--host H]
 lingua-sweep login CLUSTER [--config-dir DIR]
 """
 
@@ -166,6 +167,11 @@ def add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--settle", type=float, default=10.0, metavar="S",
                    help="wait up to S s for sacct to catch up with the journal")  # fmt: skip
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("dashboard", help="an Optuna sweep's study in the browser (live)")
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only")
+    p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("login", help="open the shared ssh connection (password/2FA) once")
     p.add_argument("cluster", metavar="CLUSTER")
     p.add_argument("--config-dir", "--conf-dir", dest="conf_dir", action="append", default=[],
@@ -183,6 +189,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print("\n".join(map(str, report.violations)) or report.summary())
     return 1 if report.violations else 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from lingua_sweep.sweep import dashboard
+
+    return dashboard.serve(args.sweep_dir, host=args.host, port=args.port)
 
 
 def cmd_login(args: argparse.Namespace) -> int:

@@ -1,7 +1,17 @@
 import os
 
 import pytest
-import slurm_testbed as testbed_lib  # tests/ is on sys.path: pytest puts conftest's dir there
+
+# Under pytest-xdist (`-n 2`) every worker but the first gets a testbed of its own (own state
+# dir, own ports), so two workers never share a cluster's nodes. Set before the import below,
+# which reads them.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+if _WORKER != "gw0" and "LINGUA_TESTBED_DIR" not in os.environ:
+    _n = int(_WORKER.removeprefix("gw"))
+    os.environ["LINGUA_TESTBED_DIR"] = f"/tmp/lingua_sweep_testbed_{_WORKER}"
+    os.environ["LINGUA_TESTBED_PORT_BASE"] = str(27140 + 1000 * _n)
+
+import slurm_testbed as testbed_lib  # noqa: E402 - tests/ is on sys.path (conftest's dir)
 
 SLURM_UNAVAILABLE = "Slurm testbed unavailable"
 _slurm_skips: dict[str, int] = {}  # reason -> number of tests skipped for it

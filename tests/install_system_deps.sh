@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the Slurm testbed (tests/slurm_testbed.py) needs, when missing.
+# Installs the Debian packages the Slurm testbed (tests/slurm_testbed.py) needs, and the headless
+# Chromium the dashboard test loads its page in, when missing.
 # Idempotent and non-interactive: safe to run on every CI job, as root, with no stdin.
 set -euo pipefail
 
 PACKAGES=(
   slurm-wlm slurmdbd munge mariadb-server mariadb-client
-  openssh-server openssh-client rsync util-linux procps
+  openssh-server openssh-client rsync util-linux procps chromium
 )
 
 if [ "$(id -u)" -ne 0 ]; then

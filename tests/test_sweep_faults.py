@@ -25,6 +25,22 @@ MATRIX = [
         resume="cli",
         jobs=4,
     ),  # fmt: skip
+    # kill -9 between Optuna's ask and anything recorded of the trial (its attribute, its job).
+    Scenario(
+        "async sweep killed between ask and its job",
+        sweeper="async",
+        clusters=("alpha",),
+        interrupt="study.asked:KILL",
+        jobs=4,
+    ),  # fmt: skip
+    # Ctrl-C right after a trial was told: the running one is stopped, not failed, and rerun.
+    Scenario(
+        "ctrl-c of an async sweep after a tell",
+        sweeper="async",
+        clusters=("alpha",),
+        interrupt="study.told:INT",
+        jobs=4,
+    ),  # fmt: skip
     # Ctrl-C while an sbatch is still under way on the ssh cluster.
     Scenario(
         "ctrl-c during a slow submit",

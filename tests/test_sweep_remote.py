@@ -98,7 +98,8 @@ def test_ssh_round_trips_arguments_exactly(beta):
 def test_ssh_session_is_betas_login_node(slurm_testbed, beta):
     proc = remote.run(["sh", "-c", "echo $SLURM_CONF"], timeout=15, **beta)
     assert proc.stdout.strip() == str(slurm_testbed.beta_slurm_conf)
-    proc = remote.run(["sinfo", "--noheader", "--format=%R %D %t"], timeout=15, **beta)
+    proc = remote.run(["sinfo", "--noheader", "--partition=batch", "--format=%R %D %t"],
+                      timeout=15, **beta)  # fmt: skip
     assert proc.stdout.split() == ["batch", "2", "idle"]
 
 

@@ -29,6 +29,7 @@ from optuna.trial import Trial, TrialState
 
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lingua_sweep.errors import UserError
+from lingua_sweep.sweep import faultpoint
 from lingua_sweep.sweep.compose import experiment_name
 from lingua_sweep.sweep.journal import decode_value
 from lingua_sweep.sweep.launch import (
@@ -64,6 +65,7 @@ class Flight:
     index: int  # its job in the journal
     trial: Trial
     reported: set[int] = field(default_factory=set)  # steps already reported to the study
+    shown: dict[str, Any] = field(default_factory=dict)  # where it runs, as the study has it
 
 
 class AsyncOptunaSweep(OptunaSweeperImpl):
@@ -233,6 +235,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         while self._wants_more():
             self.n_asked += 1
             trial = self.study.ask()
+            faultpoint.hit("study.asked")
             trial.set_user_attr(SWEEP_ATTR, str(self.controller.sweep_dir))
             self._start(trial)
 
@@ -258,6 +261,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         c = self.controller
         for number, flight in self.flights.items():
             job = c.state.jobs[flight.index]
+            self._show(flight, job)
             if (
                 job.final
                 or job.stopping
@@ -273,6 +277,16 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
                 flight.reported.add(step)
             if new and self.pruner is not None and flight.trial.should_prune():
                 self._prune(number, flight, max(new))
+
+    def _show(self, flight: Flight, job) -> None:
+        """Where the trial runs, as user attrs (the dashboard shows them); written on change."""
+        tail = self.controller.tails.get(flight.index)
+        now = {"cluster": job.cluster, "slurm_job": job.job_id, "state": job.state,
+               "step": tail.step if tail else None, "job": flight.index}  # fmt: skip
+        for key, value in now.items():
+            if value is not None and flight.shown.get(key) != value:
+                flight.trial.set_user_attr(key, value)
+                flight.shown[key] = value
 
     def _prune(self, number: int, flight: Flight, step: int) -> None:
         """Cancels the job; once Slurm confirms, it is PRUNED with its step and `_settle` tells
@@ -304,7 +318,9 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
                 self.n_asked -= 1  # not one of n_trials: its parameters run again
             if state == TrialState.FAIL and error:
                 flight.trial.set_user_attr("error", str(error)[:1000])
+            self._show(flight, self.controller.state.jobs[flight.index])
             self._tell(flight.trial, state, values)
+            faultpoint.hit("study.told")
             if stopped:
                 self._retry_later(number, flight.trial.params)
             log.info("trial %d (job #%d): %s%s", number, flight.index, state.name,

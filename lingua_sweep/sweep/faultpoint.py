@@ -21,6 +21,8 @@ POINTS = (
     "stop.recorded",  # a cancel/prune/move is journaled; scancel has not been sent
     "cancel.recorded",  # the sweep's cancel is journaled; nothing is cancelled yet
     "fetch",  # a finished job's outputs are being brought home
+    "study.asked",  # Optuna asked a trial; it has no sweep attribute and no job yet
+    "study.told",  # a trial was told its end; the next one is not asked yet
 )
 _fired = False
 
