@@ -240,7 +240,7 @@ def test_a_pruner_stops_every_trial_early_on_both_clusters(tmp_path, testbed):
     assert set(pruned) == {0, 1, 2, 3} and all(6 <= s < 3000 for s in pruned.values()), pruned
     assert all(r["status"] == "PRUNED" for r in records if r["kind"] == "result")
     clusters = {r["cluster"] for r in records if r["kind"] == "submitted"}
-    assert clusters == {"alpha", "beta"}
+    assert clusters == {"alpha", "beta"}, result.stderr[-3000:]
     prefix = f"debug.{records[0]['id']}."
     for cluster in clusters:  # scancelled, not run to the end
         assert set(sacct_jobs(testbed, cluster, prefix, at_least=1).values()) == {"CANCELLED"}

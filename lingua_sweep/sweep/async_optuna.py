@@ -207,7 +207,10 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         return recorded is not None and same_dir(recorded, self.controller.sweep_dir)
 
     def _retry_later(self, number: int, params: dict[str, Any]) -> None:
-        self.study.enqueue_trial(params, user_attrs={RETRY_ATTR: number})
+        self.study.enqueue_trial(params)  # Optuna 2.10: no user_attrs here; set just after
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        newest = max(waiting, key=lambda t: t.number)
+        self.study._storage.set_trial_user_attr(newest._trial_id, RETRY_ATTR, number)
         log.info("trial %d was stopped: its parameters are enqueued again", number)
 
     def _loop(self, poll_interval_s: float) -> None:

@@ -115,7 +115,7 @@ class Controller:
         self.state = self.journal.replay()
         self._restore_code()
         if self.state.header:
-            self.journal.append("resumed", pid=os.getpid(), host=socket.gethostname())
+            self.record("resumed", pid=os.getpid(), host=socket.gethostname())
             return
         record = self.journal.append("sweep", **(header or {}), **sweep_header(self))
         self.state.header = record

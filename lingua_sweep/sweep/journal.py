@@ -254,6 +254,11 @@ def apply(state: SweepState, r: dict) -> None:
     elif kind == "cancel":
         state.cancel_requested = True
         state.cancel_reason = r.get("reason") or state.cancel_reason
+    elif kind == "resumed":
+        # A launcher picked the sweep up again: an earlier cancel (Ctrl-C) stopped that
+        # launcher's jobs, which stay cancelled; the resumed one goes on with the rest.
+        state.cancel_requested = False
+        state.extra.append(r)
     else:
         state.extra.append(r)
 
