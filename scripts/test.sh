@@ -19,4 +19,5 @@ else
 fi
 
 .venv/bin/ruff check .
-.venv/bin/pytest -q "$@"
+# Two workers, each with a testbed of its own (tests/conftest.py): most tests wait on Slurm.
+.venv/bin/pytest -q -n 2 --dist worksteal "$@"
