@@ -3,7 +3,7 @@
     .venv/bin/python bench/long_search.py [--trials 48] [--n-jobs 8] [--out results/]
 
 as root (it runs the Slurm testbed). The trainer (tiny model) with the median pruner searches
-the learning rate on alpha and beta; the launcher is killed with SIGKILL once and stopped with
+the learning rate on alpha and beta (4 CPUs a job: 4 at a time on each, so n_jobs=8 uses both); the launcher is killed with SIGKILL once and stopped with
 Ctrl-C once, each time when some trials have finished, and rerun with the same command. At the
 end: exactly `--trials` trials counted in the study (stopped ones aside), none RUNNING,
 `lingua-sweep check` clean. Writes <out>/long_search.md (the results table, the figures) and
@@ -35,7 +35,7 @@ def command(testbed, sweep_dir: Path, trials: int, n_jobs: int) -> list[str]:
         sys.executable, str(REPO / "train.py"), "-m", *tiny, "steps=300",
         "logging.val_loss_every=50", "logging.wandb=null", "hydra/launcher=multicluster",
         f"hydra.searchpath=[file://{testbed.conf_dir}]", "hydra.launcher.clusters=[alpha,beta]",
-        "hydra.launcher.cpus_per_task=2", "hydra.launcher.poll_interval_s=1",
+        "hydra.launcher.cpus_per_task=4", "hydra.launcher.poll_interval_s=1",
         "hydra.launcher.probe_every_s=2", 'hydra.launcher.setup=["export OMP_NUM_THREADS=1"]',
         "hydra/sweeper=async_optuna", f"hydra.sweeper.n_trials={trials}",
         f"hydra.sweeper.n_jobs={n_jobs}", "hydra/sweeper/pruner=median",
