@@ -3,8 +3,9 @@
     .venv/bin/python bench/long_search.py [--trials 48] [--n-jobs 8] [--out results/]
 
 as root (it runs the Slurm testbed). The trainer (tiny model) with the median pruner searches
-the learning rate on alpha and beta (4 CPUs a job: 4 at a time on each, so n_jobs=8 uses both); the launcher is killed with SIGKILL once and stopped with
-Ctrl-C once, each time when some trials have finished, and rerun with the same command. At the
+the learning rate on alpha and beta (4 CPUs a job: 4 at a time on each, so n_jobs=8 uses
+both); the launcher is killed with SIGKILL once and stopped with Ctrl-C once, each time when
+some trials have finished, and rerun with the same command. At the
 end: exactly `--trials` trials counted in the study (stopped ones aside), none RUNNING,
 `lingua-sweep check` clean. Writes <out>/long_search.md (the results table, the figures) and
 <out>/long_search_dashboard.png (the study in headless Chromium via `lingua-sweep dashboard`).

@@ -246,7 +246,7 @@ def test_a_sweep_that_ran_on_slurm_never_falls_back_to_this_machine():
     they do not train here on other data, unless `local` was named."""
     from types import SimpleNamespace
 
-    from lingua_sweep.sweep.controller import Controller
+    from lingua_sweep.sweep.dispatch import Dispatcher
     from lingua_sweep.sweep.journal import replay
     from lingua_sweep.sweep.params import LauncherParams
 
@@ -257,7 +257,7 @@ def test_a_sweep_that_ran_on_slurm_never_falls_back_to_this_machine():
 
     def local_ok(state, reachable, **params):
         c = SimpleNamespace(p=LauncherParams(**params), registry=registry, state=state)
-        return Controller._local_ok(c, reachable)
+        return Dispatcher(c)._local_ok(reachable)
 
     assert local_ok(fresh, [])  # a laptop with no Slurm at all: here
     assert not local_ok(used, [])  # ran on alpha: wait for it

@@ -13,7 +13,6 @@ laptop closing) and a new controller picks the sweep up from the journal alone:
 """
 
 import logging
-import math
 import os
 import socket
 import time
@@ -21,19 +20,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lingua_sweep import clusters as cluster_lib
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import dispatch, faultpoint, layout
+from lingua_sweep.sweep import faultpoint, layout
 from lingua_sweep.sweep import journal as journal_lib
-from lingua_sweep.sweep import limits as limits_lib
 from lingua_sweep.sweep.backends import make_backend
 from lingua_sweep.sweep.compose import JobComposer, config_hash, is_trainer_config
+from lingua_sweep.sweep.dispatch import Dispatcher
 from lingua_sweep.sweep.header import project_root, sweep_header
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
 from lingua_sweep.sweep.link import Link
 from lingua_sweep.sweep.params import WHEN_BUSY, LauncherParams
-from lingua_sweep.sweep.states import WAITING, not_soon, pending_words
 from lingua_sweep.sweep.submit import Submitter
 from lingua_sweep.sweep.tails import Tail
 from lingua_sweep.sweep.watch import Watcher
@@ -91,10 +88,9 @@ class Controller:
         self.returns: dict[int, Any] = {}  # job index -> Hydra's JobReturn, as the job made it
         self.on_result: Callable[[JobEntry], None] | None = None
         self.want_metrics = False
-        self.last_probe = -1e9
-        self.probed_at = 0.0
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
         self.watcher = Watcher(self)
+        self.dispatcher = Dispatcher(self)
 
     def _restore_code(self) -> None:
         """The snapshot each cluster's jobs were submitted with, from the journal: a resumed
@@ -187,9 +183,9 @@ class Controller:
         self._check_cancel_request()
         self.submitter.resolve_all()
         self.watcher.record_strays()
-        self._dispatch()
+        self.dispatcher.dispatch()
         self.watcher.poll()
-        self._move_long_pending()
+        self.dispatcher.move_long_pending()
         if self.monitor is not None:
             self.monitor.update(self)
 
@@ -212,125 +208,9 @@ class Controller:
         """Writes a record, then applies it: memory never runs ahead of the journal."""
         journal_lib.apply(self.state, self.journal.append(kind, **fields))
 
-    # --- dispatching ----------------------------------------------------------------------
+    # --- submitting (where each job goes: dispatch.Dispatcher) ------------------------------
 
-    def _probe(self) -> None:
-        if time.monotonic() - self.last_probe < self.p.probe_every_s:
-            return
-        links = [link for link in self.links.values() if link.available]
-        statuses = cluster_lib.probe([link.config for link in links], self.p.probe_timeout_s)
-        for link, status in zip(links, statuses, strict=True):
-            link.status = status
-        self.last_probe = time.monotonic()
-        self.probed_at = time.time()  # journal times are wall-clock
-
-    def rooms(self) -> dict[str, int]:
-        """Jobs each cluster can start now, within the user's limits there, minus ours already
-        waiting in its queue."""
-        out = {}
-        for name, link in self.links.items():
-            c = link.config
-            if not link.available or link.status is None:
-                continue
-            if not c.slurm:
-                running = [j for j in self.open_jobs() if j.cluster == name]
-                out[name] = max(self.p.local_parallel, 1) - len(running)
-                continue
-            shape = dispatch.job_shape(c, self.p)
-            room = dispatch.room(link.status, c, shape)
-            start = self.headroom(name).start
-            if start is not None:
-                room = min(room, start)
-            # Ours that the probe did not see take room first: those waiting, and those that
-            # started since (sinfo counted their nodes as free).
-            unseen = [
-                j for j in self._ours_on(name)
-                if j.state in WAITING or (j.submitted_at or 0.0) > self.probed_at
-            ]  # fmt: skip
-            out[name] = max(0, room - len(unseen))
-        return out
-
-    def _ours_on(self, name: str) -> list[JobEntry]:
-        return [j for j in self.open_jobs() + self.jobs(SUBMITTING) if j.cluster == name]
-
-    def headroom(self, name: str) -> limits_lib.Headroom:
-        """What the user's limits on this cluster leave for this sweep now."""
-        link = self.links[name]
-        if link.limits is None:
-            return limits_lib.Headroom(start=None, submit=None)
-        ours = self._ours_on(name)
-        shape = dispatch.job_shape(link.config, self.p)
-        return limits_lib.headroom(
-            link.limits, limits_lib.Usage(**(link.usage or {})),
-            ours_running=sum(j.state == "RUNNING" for j in ours), ours_active=len(ours),
-            gpus_per_job=shape.nodes * shape.gpus_per_node,
-        )  # fmt: skip
-
-    def _reachable_slurm(self) -> list[str]:
-        return [
-            n for n, link in self.links.items()
-            if link.config.slurm and link.available and link.status is not None
-            and link.status.state in ("idle", "busy")
-            and dispatch.job_shape(link.config, self.p).nodes <= link.config.max_nodes
-        ]  # fmt: skip
-
-    def _dispatch(self) -> None:
-        queued = sorted(self.jobs(QUEUED), key=lambda j: j.index)
-        if not queued or self.composer is None or self.state.cancel_requested:
-            return
-        unusable = [link.unusable for link in self.links.values() if link.unusable]
-        if len(unusable) == len(self.links):
-            raise UserError(unusable[0])
-        # A moved job goes where it was moved to, and nowhere else.
-        for job in [j for j in queued if j.target in self.links]:
-            if self.headroom(job.target).submit != 0:
-                self._submit(self.links[job.target], [job])
-        queued = [j for j in queued if j.target not in self.links]
-        if not queued:
-            return
-        self._probe()
-        rooms = self.rooms()
-        reachable = self._reachable_slurm()
-        local_ok = self._local_ok(reachable)
-        order = [n for n in self.names if n in rooms and (self.registry[n].slurm or local_ok)]
-        queue_on = reachable[0] if reachable else None
-        if not reachable and not any(not self.registry[n].slurm for n in order):
-            if not self.submitted_any:
-                statuses = [link.status for link in self.links.values() if link.status]
-                reasons = "; ".join(f"{s.name}: {s.reason or s.state}" for s in statuses)
-                raise UserError(
-                    f"no cluster can take the sweep ({reasons}); check `lingua-sweep clusters`"
-                )
-            return  # every cluster is away for now: the jobs wait for one to come back
-        caps = {n: self.headroom(n).submit for n in order}
-        targets = dispatch.assign(
-            len(queued), rooms, order, queue_on=queue_on, when_busy=self.p.when_busy, caps=caps
-        )
-        if not self.submitted_any:
-            dispatch.check_when_busy(targets.count(None), len(queued), reachable, self.p.when_busy)
-        for name in dict.fromkeys(t for t in targets if t):
-            share = [j for j, t in zip(queued, targets, strict=True) if t == name]
-            if self.registry[name].slurm:
-                # One array per call, within the cluster's MaxArraySize; the rest next cycle.
-                self._submit(self.links[name], share[: self.links[name].array_limit])
-            else:  # one process each: a kill between two of them loses nothing
-                for job in share:
-                    self._submit(self.links[name], [job])
-
-    def _local_ok(self, reachable: list[str]) -> bool:
-        """Whether jobs may run on this machine now: when no Slurm cluster is reachable, and
-        either the user named `local` or this sweep never ran on Slurm (a laptop without one).
-        A sweep that ran on a cluster never falls back here in a network blip: on this
-        machine's data, its results would not be comparable."""
-        if reachable:
-            return False
-        named = {*(self.p.clusters or []), *([self.p.cluster] if self.p.cluster else [])}
-        if any(not self.registry[n].slurm for n in named):
-            return True
-        return not any(cl in self.registry and self.registry[cl].slurm
-                       for cl, _ in self.state.known_ids)  # fmt: skip
-
-    def _submit(self, link: Link, share: list[JobEntry]) -> None:
+    def submit(self, link: Link, share: list[JobEntry]) -> None:
         if not link.can_submit:
             return  # its thread is still on an earlier call, or it refused lately: later
         batch = self.submitter.build(link, share)
@@ -374,39 +254,6 @@ class Controller:
 
     def poll_request(self, name: str, *, files: str | None) -> tuple[list[JobEntry], dict]:
         return self.watcher.poll_request(name, files=files)
-
-    def _move_long_pending(self) -> None:
-        if self.p.max_pending_s is None or self.composer is None:
-            return
-        now = time.time()
-        seen = self.watcher.pending_seen  # judged on what Slurm said, never on a stale picture
-        # A job held by a limit, a partition rule or missing nodes will not start by waiting
-        # its turn: it may move at once; any other after max_pending_s.
-        stuck = [
-            j for j in self.jobs("PENDING")
-            if j.started_at is None and j.moves == 0 and j.submitted_at and not j.stopping
-            and j.index in seen and (not_soon(j.reason)
-                                     or seen[j.index] - j.submitted_at >= self.p.max_pending_s)
-        ]  # fmt: skip
-        if not stuck:
-            return
-        self._probe()
-        rooms = self.rooms()
-        for job in stuck:
-            others = {n: r for n, r in rooms.items() if n != job.cluster and self.registry[n].slurm}
-            waited = math.inf if not_soon(job.reason) else now - job.submitted_at
-            if not dispatch.should_move(waited, job.moves, self.p.max_pending_s, others):
-                continue
-            target = next(n for n, r in others.items() if r > 0)
-            rooms[target] -= 1
-            why = pending_words(job.reason) if not_soon(job.reason) else None
-            note = (f"pending {now - job.submitted_at:.0f}s ({why or 'waiting its turn'}) "
-                    f"while {target} has room")  # fmt: skip
-            log.info("#%d %s: moving it", job.index, note)
-            # Moved (and bound for the target) once Slurm confirms it ended here unstarted.
-            self.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
-                        status="MOVE", note=note, to=target)  # fmt: skip
-            faultpoint.hit("stop.recorded")
 
     # --- cancelling -----------------------------------------------------------------------
 

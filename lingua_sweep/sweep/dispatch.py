@@ -1,4 +1,5 @@
-"""Which queued job goes to which cluster now: capacity in the job's own units, priority order.
+"""Which queued job goes to which cluster now: capacity in the job's own units, within the
+user's limits, priority order; and which waiting job should move.
 
 A job needs `nodes` nodes, each with `gpus_per_node` free GPUs (or, on a partition without
 GPUs, `tasks_per_node * cpus_per_task` free CPUs). A cluster's room is how many such jobs its
@@ -6,14 +7,24 @@ idle and mixed nodes can start now, minus our own jobs already waiting in its qu
 take that room first). Pure functions of probe results: the controller does the I/O.
 """
 
+import logging
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lingua_sweep import clusters as cluster_lib
 from lingua_sweep.clusters import ClusterStatus
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
+from lingua_sweep.sweep import faultpoint
+from lingua_sweep.sweep import limits as limits_lib
+from lingua_sweep.sweep.journal import JobEntry
 from lingua_sweep.sweep.params import LauncherParams
+from lingua_sweep.sweep.states import QUEUED, SUBMITTING, WAITING, not_soon, pending_words
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,3 +146,170 @@ def should_move(
     if max_pending_s is None or moves >= 1 or pending_s < max_pending_s:
         return False
     return any(r > 0 for r in other_rooms.values())
+
+
+class Dispatcher:
+    """The controller's placement: probes, counts room within limits, sends queued jobs to
+    clusters (controller.submit) and moves those that wait in vain. Journal writes go through
+    the controller."""
+
+    def __init__(self, controller):
+        self.c = controller
+        self.last_probe = -1e9
+        self.probed_at = 0.0  # wall-clock, like the journal's times
+
+    def probe(self) -> None:
+        c = self.c
+        if time.monotonic() - self.last_probe < c.p.probe_every_s:
+            return
+        links = [link for link in c.links.values() if link.available]
+        statuses = cluster_lib.probe([link.config for link in links], c.p.probe_timeout_s)
+        for link, status in zip(links, statuses, strict=True):
+            link.status = status
+        self.last_probe = time.monotonic()
+        self.probed_at = time.time()  # journal times are wall-clock
+
+    def rooms(self) -> dict[str, int]:
+        """Jobs each cluster can start now, within the user's limits there, minus ours already
+        waiting in its queue."""
+        c, out = self.c, {}
+        for name, link in c.links.items():
+            cfg = link.config
+            if not link.available or link.status is None:
+                continue
+            if not cfg.slurm:
+                running = [j for j in c.open_jobs() if j.cluster == name]
+                out[name] = max(c.p.local_parallel, 1) - len(running)
+                continue
+            shape = job_shape(cfg, c.p)
+            free = room(link.status, cfg, shape)
+            start = self.headroom(name).start
+            if start is not None:
+                free = min(free, start)
+            # Ours that the probe did not see take room first: those waiting, and those that
+            # started since (sinfo counted their nodes as free).
+            unseen = [
+                j for j in self._ours_on(name)
+                if j.state in WAITING or (j.submitted_at or 0.0) > self.probed_at
+            ]  # fmt: skip
+            out[name] = max(0, free - len(unseen))
+        return out
+
+    def _ours_on(self, name: str) -> list[JobEntry]:
+        c = self.c
+        return [j for j in c.open_jobs() + c.jobs(SUBMITTING) if j.cluster == name]
+
+    def headroom(self, name: str) -> limits_lib.Headroom:
+        """What the user's limits on this cluster leave for this sweep now."""
+        c = self.c
+        link = c.links[name]
+        if link.limits is None:
+            return limits_lib.Headroom(start=None, submit=None)
+        ours = self._ours_on(name)
+        shape = job_shape(link.config, c.p)
+        return limits_lib.headroom(
+            link.limits, limits_lib.Usage(**(link.usage or {})),
+            ours_running=sum(j.state == "RUNNING" for j in ours), ours_active=len(ours),
+            gpus_per_job=shape.nodes * shape.gpus_per_node,
+        )  # fmt: skip
+
+    def reachable_slurm(self) -> list[str]:
+        c = self.c
+        return [
+            n for n, link in c.links.items()
+            if link.config.slurm and link.available and link.status is not None
+            and link.status.state in ("idle", "busy")
+            and job_shape(link.config, c.p).nodes <= link.config.max_nodes
+        ]  # fmt: skip
+
+    def dispatch(self) -> None:
+        c = self.c
+        queued = sorted(c.jobs(QUEUED), key=lambda j: j.index)
+        if not queued or c.composer is None or c.state.cancel_requested:
+            return
+        unusable = [link.unusable for link in c.links.values() if link.unusable]
+        if len(unusable) == len(c.links):
+            raise UserError(unusable[0])
+        # A moved job goes where it was moved to, and nowhere else.
+        for job in [j for j in queued if j.target in c.links]:
+            if self.headroom(job.target).submit != 0:
+                c.submit(c.links[job.target], [job])
+        queued = [j for j in queued if j.target not in c.links]
+        if not queued:
+            return
+        self.probe()
+        rooms = self.rooms()
+        reachable = self.reachable_slurm()
+        local_ok = self._local_ok(reachable)
+        order = [n for n in c.names if n in rooms and (c.registry[n].slurm or local_ok)]
+        queue_on = reachable[0] if reachable else None
+        if not reachable and not any(not c.registry[n].slurm for n in order):
+            if not c.submitted_any:
+                statuses = [link.status for link in c.links.values() if link.status]
+                reasons = "; ".join(f"{s.name}: {s.reason or s.state}" for s in statuses)
+                raise UserError(
+                    f"no cluster can take the sweep ({reasons}); check `lingua-sweep clusters`"
+                )
+            return  # every cluster is away for now: the jobs wait for one to come back
+        caps = {n: self.headroom(n).submit for n in order}
+        targets = assign(
+            len(queued), rooms, order, queue_on=queue_on, when_busy=c.p.when_busy, caps=caps
+        )
+        if not c.submitted_any:
+            check_when_busy(targets.count(None), len(queued), reachable, c.p.when_busy)
+        for name in dict.fromkeys(t for t in targets if t):
+            share = [j for j, t in zip(queued, targets, strict=True) if t == name]
+            if c.registry[name].slurm:
+                # One array per call, within the cluster's MaxArraySize; the rest next cycle.
+                c.submit(c.links[name], share[: c.links[name].array_limit])
+            else:  # one process each: a kill between two of them loses nothing
+                for job in share:
+                    c.submit(c.links[name], [job])
+
+    def _local_ok(self, reachable: list[str]) -> bool:
+        """Whether jobs may run on this machine now: when no Slurm cluster is reachable, and
+        either the user named `local` or this sweep never ran on Slurm (a laptop without one).
+        A sweep that ran on a cluster never falls back here in a network blip: on this
+        machine's data, its results would not be comparable."""
+        c = self.c
+        if reachable:
+            return False
+        named = {*(c.p.clusters or []), *([c.p.cluster] if c.p.cluster else [])}
+        if any(not c.registry[n].slurm for n in named):
+            return True
+        return not any(cl in c.registry and c.registry[cl].slurm
+                       for cl, _ in c.state.known_ids)  # fmt: skip
+
+    def move_long_pending(self) -> None:
+        c = self.c
+        if c.p.max_pending_s is None or c.composer is None:
+            return
+        now = time.time()
+        seen = c.watcher.pending_seen  # judged on what Slurm said, never on a stale picture
+        # A job held by a limit, a partition rule or missing nodes will not start by waiting
+        # its turn: it may move at once; any other after max_pending_s.
+        stuck = [
+            j for j in c.jobs("PENDING")
+            if j.started_at is None and j.moves == 0 and j.submitted_at and not j.stopping
+            and j.index in seen and (not_soon(j.reason)
+                                     or seen[j.index] - j.submitted_at >= c.p.max_pending_s)
+        ]  # fmt: skip
+        if not stuck:
+            return
+        self.probe()
+        rooms = self.rooms()
+        for job in stuck:
+            others = {n: r for n, r in rooms.items() if n != job.cluster and c.registry[n].slurm}
+            waited = math.inf if not_soon(job.reason) else now - job.submitted_at
+            if not should_move(waited, job.moves, c.p.max_pending_s, others):
+                continue
+            target = next(n for n, r in others.items() if r > 0)
+            rooms[target] -= 1
+            why = pending_words(job.reason) if not_soon(job.reason) else None
+            note = (f"pending {now - job.submitted_at:.0f}s ({why or 'waiting its turn'}) "
+                    f"while {target} has room")  # fmt: skip
+            log.info("#%d %s: moving it", job.index, note)
+            # Moved (and bound for the target) once Slurm confirms it ended here unstarted.
+            c.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
+                        status="MOVE", note=note, to=target)  # fmt: skip
+            faultpoint.hit("stop.recorded")

@@ -187,9 +187,9 @@ def preview(controller: Controller, overrides: list[list[str]], first_index: int
     first = controller.registry[controller.names[0]]
     for offset, o in enumerate(overrides):
         controller.composer.compose(o, first_index + offset, first, str(controller.sweep_dir))
-    controller._probe()
-    rooms = controller.rooms()
-    reachable = controller._reachable_slurm()
+    controller.dispatcher.probe()
+    rooms = controller.dispatcher.rooms()
+    reachable = controller.dispatcher.reachable_slurm()
     order = [n for n in controller.names if n in rooms and (controller.registry[n].slurm
                                                                or not reachable)]  # fmt: skip
     targets = dispatch.assign(len(overrides), rooms, order,
