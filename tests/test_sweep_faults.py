@@ -33,6 +33,15 @@ MATRIX = [
         interrupt="study.asked:KILL",
         jobs=4,
     ),  # fmt: skip
+    # kill -9 right after a trial was told, before the next one is asked.
+    Scenario(
+        "async sweep killed after a tell",
+        sweeper="async",
+        clusters=("beta",),
+        interrupt="study.told:KILL",
+        resume="cli",
+        jobs=4,
+    ),  # fmt: skip
     # Ctrl-C right after a trial was told: the running one is stopped, not failed, and rerun.
     Scenario(
         "ctrl-c of an async sweep after a tell",
