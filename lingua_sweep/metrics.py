@@ -26,6 +26,7 @@ from lingua_sweep.config import TrainConfig
 from lingua_sweep.errors import UserError
 
 log = logging.getLogger("lingua_sweep.train")
+DATA_FILE = "data.json"  # in a run dir: the data it read (lingua_sweep.data.data_identity)
 
 # Dense bf16 peak FLOP/s per GPU, matched as substrings of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {

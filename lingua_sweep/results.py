@@ -28,7 +28,7 @@ import yaml
 from lingua_sweep import metrics as metrics_lib
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep.journal import JobEntry, Journal, SweepState
-from lingua_sweep.sweep.layout import DATA_FILE, job_dir
+from lingua_sweep.sweep.layout import job_dir
 
 STATUSES = ("COMPLETED", "FAILED", "PRUNED", "CANCELLED", "RUNNING", "PREEMPTED", "PENDING",
             "UNKNOWN")  # fmt: skip
@@ -336,7 +336,7 @@ def _job_result(
         scheduler=_get(cfg, "optim.scheduler") or overrides.get("optim.scheduler"),
         trial=trial if trial is not None else (num if optuna else None),
         objective=objective,
-        data=str(_read_json(job_dir / DATA_FILE).get("fingerprint") or ""),
+        data=str(_read_json(job_dir / metrics_lib.DATA_FILE).get("fingerprint") or ""),
     )
 
 

@@ -41,7 +41,6 @@ from lingua_sweep.data import (
 )
 from lingua_sweep.errors import UserError
 from lingua_sweep.preflight import preflight
-from lingua_sweep.sweep.layout import DATA_FILE
 from lingua_sweep.tokenizer import build_tokenizer, check_vocab_size
 
 log = logging.getLogger(__name__)
@@ -278,7 +277,7 @@ def _start_run_files(tc: TrainConfig, run_dir: Path, resumed_step: int | None) -
     last = -1 if resumed_step is None else resumed_step
     metrics.truncate_metrics(run_dir / "metrics.jsonl", last)
     # Which data this run saw, so results never compare runs on different data silently.
-    (run_dir / DATA_FILE).write_text(json.dumps(data_identity(tc.data)) + "\n")
+    (run_dir / metrics.DATA_FILE).write_text(json.dumps(data_identity(tc.data)) + "\n")
 
 
 def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: str) -> float:

@@ -14,7 +14,6 @@ if TYPE_CHECKING:  # the agent imports this module on login nodes: keep it light
 
 STATUS_FILE = "status.json"  # beside metrics.jsonl: written by the job, then by the launcher
 METRICS_FILE = "metrics.jsonl"
-DATA_FILE = "data.json"  # the data the trainer read (lingua_sweep.data.data_identity)
 FENCE_DIR = ".submissions"
 
 
