@@ -68,11 +68,12 @@ def test_the_dashboard_shows_a_running_studys_trials_and_where_they_run(tmp_path
 
         [summary] = wait_for(answers, 30, "the dashboard to answer")
         study_id = summary["study_id"]
+        # What is finished before the page loads is finished on it (a trial can end meanwhile).
+        study = optuna.load_study(study_name="debug", storage=f"sqlite:///{sweep / 'optuna.db'}")
+        done = [t.number for t in study.trials if t.state.is_finished()]
         dom = browse(browser, f"{base}/dashboard/studies/{study_id}/trials", "--dump-dom")
         text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
         shown = {int(n): state for n, state in re.findall(r"Trial (\d+) (\w+)", text)}
-        study = optuna.load_study(study_name="debug", storage=f"sqlite:///{sweep / 'optuna.db'}")
-        done = [t.number for t in study.trials if t.state.is_finished()]
         assert done and set(done) <= set(shown), (done, shown)  # the page lists what is done
         assert all(shown[n] == "Complete" for n in done), shown
         trials = get_json(f"{base}/api/studies/{study_id}")["trials"]

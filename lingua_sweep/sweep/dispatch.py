@@ -186,11 +186,12 @@ class Dispatcher:
             start = self.headroom(name).start
             if start is not None:
                 free = min(free, start)
-            # Ours that the probe did not see take room first: those waiting, and those that
-            # started since (sinfo counted their nodes as free).
+            # Ours that the probe may not have seen take room first: those waiting, and those
+            # submitted or seen starting since (sinfo may have counted their nodes as free).
             unseen = [
                 j for j in self._ours_on(name)
-                if j.state in WAITING or (j.submitted_at or 0.0) > self.probed_at
+                if j.state in WAITING
+                or max(j.submitted_at or 0.0, j.started_at or 0.0) > self.probed_at
             ]  # fmt: skip
             out[name] = max(0, free - len(unseen))
         return out
