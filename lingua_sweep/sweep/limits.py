@@ -80,21 +80,19 @@ def parse_limits(assoc_out: str, qos_out: str, config_out: str, *, qos: str | No
     # The user's own association for the account in use (a partition's own one is not ours).
     rows = [r for r in rows if not r.get("Partition") and (not account or r["Account"] == account)]
     assoc = rows[0] if rows else {}
-    for name, columns in LIMIT_OF.items():
-        for column in columns:
-            if column in assoc:
-                value = tres_gpus(assoc[column]) if name == "max_gpus" else _number(assoc[column])
-                tighten(name, value, f"association {assoc.get('Account')} {SETTING[column]}")
+
+    def tighten_from(row: dict[str, str], source: str) -> None:
+        for name, columns in LIMIT_OF.items():
+            for column in (c for c in columns if c in row):
+                value = tres_gpus(row[column]) if name == "max_gpus" else _number(row[column])
+                tighten(name, value, f"{source} {SETTING[column]}")
+
+    tighten_from(assoc, f"association {assoc.get('Account')}")
     in_use = qos or assoc.get("DefaultQOS") or "normal"
     for line in qos_out.splitlines():
         row = dict(zip(QOS_COLUMNS, line.split("|"), strict=False))
-        if row.get("Name") != in_use:
-            continue
-        for name, columns in LIMIT_OF.items():
-            for column in columns:
-                if column in row:
-                    value = tres_gpus(row[column]) if name == "max_gpus" else _number(row[column])
-                    tighten(name, value, f"QOS {in_use} {SETTING[column]}")
+        if row.get("Name") == in_use:
+            tighten_from(row, f"QOS {in_use}")
     for line in config_out.splitlines():
         key, _, value = line.partition("=")
         if key.strip() == "MaxArraySize" and value.strip().isdigit():
