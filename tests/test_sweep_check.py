@@ -291,6 +291,20 @@ def test_i5_status_and_overrides_of_another_job(tmp_path):
     ]
 
 
+def test_i5_an_empty_overrides_file_is_torn_only_for_a_job_that_failed(tmp_path):
+    """Hydra writes .hydra/overrides.yaml as the job starts: on a full disk the file is created
+    empty and the job fails. That is a torn write, not another job's outputs."""
+    journal = new_sweep(tmp_path)
+    submit(journal, "alpha", {0: "10_0", 1: "10_1"})
+    finish(journal, 0, "FAILED")
+    finish(journal, 1)
+    for index in (0, 1):
+        (journal.dir / str(index) / ".hydra").mkdir(parents=True)
+        (journal.dir / str(index) / ".hydra" / "overrides.yaml").write_text("")
+    fake = FakeSlurm(sacct={"alpha": [f"10_0|{PREFIX}1|FAILED", f"10_1|{PREFIX}1|COMPLETED"]})
+    assert run(journal, fake) == ["I5 job #1: .hydra/overrides.yaml holds [], the journal ['x=1']"]
+
+
 # --- I6: the Optuna study -------------------------------------------------------------------
 
 

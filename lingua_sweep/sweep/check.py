@@ -260,7 +260,8 @@ def outputs(job_dir: Path, index: int, job: JobEntry, c: Facts) -> list[Violatio
             message = f"status.json was written by job {written}, not the journal's last job"
             out.append(Violation("I5", index, last[0], message, last[1]))
     path = job_dir / ".hydra" / "overrides.yaml"
-    if path.exists():
+    torn = path.exists() and path.stat().st_size == 0 and job.state != "COMPLETED"
+    if path.exists() and not torn:  # torn: Hydra's write hit a full disk, and the job failed
         try:
             got = own_overrides(yaml.safe_load(path.read_text()) or [])
         except (OSError, yaml.YAMLError, TypeError) as e:
