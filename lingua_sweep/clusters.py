@@ -231,6 +231,10 @@ def _unreachable(cluster: ClusterConfig, reason: str) -> ClusterStatus:
 
 
 def _probe_one(cluster: ClusterConfig, timeout: float) -> ClusterStatus:
+    if cluster.simulated is not None:
+        from lingua_sweep.sweep.simulator import cluster_for
+
+        return cluster_for(cluster).probe()
     if not cluster.slurm:
         return ClusterStatus(
             name=cluster.name, state="local", idle_nodes=1, total_nodes=1, reason=None,

@@ -48,6 +48,9 @@ class ClusterConfig:
     priority: int = 100  # lower is preferred
     slurm: bool = True  # false: run jobs as local processes (the `local` cluster)
     probe_timeout_s: float = 10.0
+    # A simulated Slurm cluster in this process (the fields of sweep.simulator.SimSpec: nodes,
+    # gpus_per_node, duration_s, ...), for benchmarks and dry runs; null: a real one.
+    simulated: dict[str, Any] | None = None
 
 
 @dataclass(kw_only=True)

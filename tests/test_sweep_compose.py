@@ -44,7 +44,9 @@ def test_composer_reuse_equals_a_full_hydra_composition(tmp_path, hydra_loader):
         with open_dict(full.hydra.job):
             full.hydra.job.num = num
         assert OmegaConf.to_container(fast) == OmegaConf.to_container(full), num
-    assert len(composer.cache) == 2  # the third job adds a key, so it is composed anew
+        light = composer.job_config(overrides, num, local, str(tmp_path))
+        assert light.hash == config_hash(full), num  # hashed from the template + its values
+    assert len(composer.templates) == 2  # the third job adds a key, so it is composed anew
     assert experiment_name(fast) == "debug"
     with pytest.raises(UserError, match="job #9 .*optim.scheduler='nope'"):
         composer.compose(["experiment=debug", "optim.scheduler=nope"], 9, local, "x")
@@ -71,3 +73,32 @@ def test_the_hash_pins_what_a_job_computes_not_where_it_runs(tmp_path, hydra_loa
     other = config_hash(composer.compose(["experiment=debug", "optim.lr=0.002"], 0,
                                          registry["local"], str(tmp_path)))  # fmt: skip
     assert here == there != other
+
+
+def test_a_template_is_shared_and_never_changed_by_its_jobs(tmp_path, hydra_loader):
+    """10,000 jobs of one shape hold one composed config: each job is its values, validated on
+    a scratch copy; a wrong value in the 1,000th job still fails in one line."""
+    master, loader = hydra_loader
+    composer = JobComposer(master, loader)
+    local = load_clusters()["local"]
+    jobs = [composer.job_config(["experiment=debug", f"optim.lr={lr}", f"steps={s}"], i, local,
+                                str(tmp_path))
+            for i, (lr, s) in enumerate([(0.001, 10), (0.002, 20), (0.003, 30)])]  # fmt: skip
+    assert len({id(j.template) for j in jobs}) == 1
+    assert [j.steps for j in jobs] == [10, 20, 30]
+    assert [j.materialize().optim.lr for j in jobs] == [0.001, 0.002, 0.003]
+    assert jobs[0].template.optim.lr == 0.001  # the first job's, untouched by the others
+    assert len({j.hash for j in jobs}) == 3
+    with pytest.raises(UserError, match="job #3 .*steps=many"):
+        composer.job_config(["experiment=debug", "optim.lr=0.1", "steps=many"], 3, local, "x")
+
+
+def test_a_dict_or_list_value_is_part_of_the_shape(hydra_loader):
+    """It merges into what is there: on a shared template one job's keys would leak into the
+    next job's config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    master, loader = hydra_loader
+    composer = JobComposer(master, loader)
+    parsed = OverridesParser.create().parse_overrides(["a={x:1}", "b=[1,2]", "optim.lr=0.1"])
+    assert [composer._is_plain_value(o) for o in parsed] == [False, False, True]

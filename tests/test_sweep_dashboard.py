@@ -56,8 +56,12 @@ def test_the_dashboard_shows_a_running_studys_trials_and_where_they_run(tmp_path
     try:
         wait_for(lambda: any(r["kind"] == "result" for r in journal_records(sweep)), 120,
                  "a first trial to finish")  # fmt: skip
-        server = subprocess.Popen([LINGUA_SWEEP, "dashboard", str(sweep), "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [LINGUA_SWEEP, "dashboard", str(sweep), "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         base = f"http://127.0.0.1:{port}"
 
         def answers():

@@ -32,7 +32,7 @@ def make_sweep(tmp_path):
 
 def controller_for(tmp_path, journal):
     return SimpleNamespace(state=journal.replay(), sweep_dir=tmp_path, tails={},
-                           configs={0: {"steps": 100}}, links={})  # fmt: skip
+                           totals={0: 100}, links={})  # fmt: skip
 
 
 def test_rows_show_progress_and_only_what_varies(tmp_path):

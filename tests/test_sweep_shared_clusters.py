@@ -53,6 +53,7 @@ def conf_with(testbed, dest: Path, cluster: str, **settings) -> Path:
 @contextlib.contextmanager
 def capped_qos(testbed, **limits):
     """QOS `capped` with these per-user limits (sacctmgr names) for the block, then none."""
+
     def sacctmgr(values):
         slurm(testbed, "alpha", "sacctmgr", "-i", "modify", "qos", "capped", "set",
               *(f"{k}={v}" for k, v in values.items()))  # fmt: skip
@@ -209,9 +210,7 @@ def test_per_user_limits_are_kept_and_the_qos_reason_is_shown(tmp_path, testbed)
     check_sweep(sweep_dir)
 
 
-def test_a_job_pending_on_a_qos_limit_moves_where_there_is_room_within_a_probe(
-    tmp_path, testbed
-):
+def test_a_job_pending_on_a_qos_limit_moves_where_there_is_room_within_a_probe(tmp_path, testbed):
     """alpha's QOS lets one job run; beta is full, so the second job queues on alpha behind the
     limit. Once beta frees a node it moves there at the next probe, not after max_pending_s."""
     sweep_dir = tmp_path / "sweep"

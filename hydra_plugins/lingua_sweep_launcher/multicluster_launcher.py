@@ -30,6 +30,10 @@ ConfigStore.instance().store(
 
 
 class MulticlusterLauncher(Launcher):
+    # Every job is composed and validated before any is submitted (sweepers may skip their own
+    # pass: hydra/sweeper=grid does).
+    validates_every_job = True
+
     def __init__(self, **params: Any) -> None:
         self.params = {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v

@@ -166,7 +166,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
             for value in edges(dist):
                 values = {**first, name: value, **self.fixed}
                 overrides = [f"{k}={v}" for k, v in values.items()]
-                c.composer.compose(overrides, len(c.state.jobs), cluster, str(c.sweep_dir))
+                c.composer.job_config(overrides, len(c.state.jobs), cluster, str(c.sweep_dir))
 
     def _reconcile(self) -> None:
         """A rerun on the same sweep dir: the journal's jobs against the study's trials."""

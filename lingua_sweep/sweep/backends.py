@@ -252,6 +252,10 @@ class AgentBackend:
 def make_backend(
     cluster: ClusterConfig, *, here: ClusterConfig | None, code_root: Path, timeout_s: float
 ) -> Backend:
+    if cluster.simulated is not None:
+        from lingua_sweep.sweep.simulator import SimBackend
+
+        return SimBackend(cluster)
     if not cluster.slurm:
         return LocalBackend(cluster)
     over_ssh = cluster.login is not None and not (

@@ -25,7 +25,7 @@ from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import faultpoint, layout
 from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.backends import make_backend
-from lingua_sweep.sweep.compose import JobComposer, config_hash, is_trainer_config
+from lingua_sweep.sweep.compose import JobComposer, JobConfig, is_trainer_config
 from lingua_sweep.sweep.dispatch import Dispatcher
 from lingua_sweep.sweep.header import project_root, sweep_header
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
@@ -82,12 +82,14 @@ class Controller:
         self._restore_code()
         self.monitor = monitor
         self.submitter = Submitter(self)
-        self.configs: dict[int, Any] = {}  # job index -> composed config, this process only
+        self.configs: dict[int, JobConfig] = {}  # job index -> its config, this process only
         self.composed_for: dict[int, tuple] = {}  # job index -> (cluster, sweep dir) of configs
+        self.totals: dict[int, int] = {}  # job index -> its `steps` (the trainer's), if known
         self.tails: dict[int, Tail] = {}  # job index -> what polls read of its metrics
         self.returns: dict[int, Any] = {}  # job index -> Hydra's JobReturn, as the job made it
         self.on_result: Callable[[JobEntry], None] | None = None
         self.want_metrics = False
+        self.cycle_s: list[float] = []  # each cycle's wall time (bench/scale.py reads them)
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
         self.watcher = Watcher(self)
         self.dispatcher = Dispatcher(self)
@@ -142,10 +144,12 @@ class Controller:
         for offset, overrides in enumerate(job_overrides):
             index = first_index + offset
             overrides = list(overrides)
-            config = self.composer.compose(overrides, index, first, str(self.sweep_dir))
+            config = self.composer.job_config(overrides, index, first, str(self.sweep_dir))
             self.configs[index] = config
             self.composed_for[index] = (first.name if first else None, str(self.sweep_dir))
-            digest = config_hash(config)
+            if isinstance(config.steps, int):
+                self.totals[index] = config.steps
+            digest = config.hash
             known = self.state.jobs.get(index)
             if known is not None and known.config_hash != digest:
                 raise UserError(
@@ -168,11 +172,13 @@ class Controller:
         """Cycles until the given jobs (all, by default) are final, or submitted with detach."""
         wanted = set(self.state.jobs) if indices is None else set(indices)
         while True:
+            start = time.perf_counter()
             self.cycle()
-            jobs = [self.state.jobs[i] for i in wanted]
-            if all(j.final for j in jobs):
+            self.cycle_s.append(time.perf_counter() - start)
+            unfinished = [self.state.jobs[i] for i in sorted(wanted & self.state.active)]
+            if not unfinished:
                 return
-            if self.p.detach and all(j.state not in (QUEUED, SUBMITTING) for j in jobs):
+            if self.p.detach and all(j.state not in (QUEUED, SUBMITTING) for j in unfinished):
                 return
             time.sleep(self.p.poll_interval_s)
 
@@ -199,10 +205,16 @@ class Controller:
             link.collect(wait=True)
 
     def jobs(self, *states: str) -> list[JobEntry]:
+        """The jobs in these states (all, by default), in index order; O(active jobs) when
+        none of the states is final."""
+        if states and not any(s in journal_lib.FINAL for s in states):
+            return [j for j in map(self.state.jobs.get, sorted(self.state.active))
+                    if j.state in states]  # fmt: skip
         return [j for j in self.state.jobs.values() if not states or j.state in states]
 
     def open_jobs(self) -> list[JobEntry]:
-        return [j for j in self.state.jobs.values() if j.job_id and not j.final]
+        """Jobs on a cluster and not final, in index order."""
+        return [j for j in map(self.state.jobs.get, sorted(self.state.active)) if j.job_id]
 
     def record(self, kind: str, **fields) -> None:
         """Writes a record, then applies it: memory never runs ahead of the journal."""
@@ -224,15 +236,15 @@ class Controller:
         if not link.config.slurm:
             link.collect(wait=True)  # a local job starts in this process: know its pid now
 
-    def config_for(self, job: JobEntry, cluster: ClusterConfig, base: str):
+    def config_for(self, job: JobEntry, cluster: ClusterConfig, base: str) -> JobConfig:
         """The job's config composed for this cluster and base dir (reused when it was)."""
         if self.composed_for.get(job.index) == (cluster.name, base):
             config = self.configs[job.index]
         else:
-            config = self.composer.compose(job.overrides, job.index, cluster, base)
+            config = self.composer.job_config(job.overrides, job.index, cluster, base)
             self.composed_for[job.index] = (cluster.name, base)
-        if is_trainer_config(config) and self.code_version:
-            config.code_version = self.code_version
+        if is_trainer_config(config.template) and self.code_version:
+            config.template.code_version = self.code_version  # the sweep's, for all its jobs
         self.configs[job.index] = config
         return config
 

@@ -32,7 +32,8 @@ def write_status(job_dir: Path, **fields: Any) -> None:
 
 
 class JobTask:
-    """One fully composed Hydra job, runnable on a compute node without Hydra's config loader.
+    """One Hydra job (`compose.JobConfig`), runnable on a compute node without Hydra's config
+    loader.
 
     Every task of a job (one per GPU) runs it; rank 0 writes status.json. A raised error is
     raised again after it is recorded, so submitit stores it and Slurm says FAILED.
@@ -62,7 +63,10 @@ class JobTask:
         if env.num_tasks > 1:
             # One process per GPU: expose torchrun's variables for torch.distributed.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        config = self.config.copy()
+        # A JobConfig (its shape's template and its values, made whole here), or a composed
+        # config (a job pickled by an earlier version).
+        whole = getattr(self.config, "materialize", None)
+        config = whole() if whole else self.config.copy()
         with open_dict(config.hydra.job):
             config.hydra.job.id = str(env.job_id)
             config.hydra.job.num = self.job_num

@@ -74,6 +74,14 @@ class SweepState:
     # Slurm jobs that landed for a job already final or placed elsewhere (a late sbatch): they
     # must be cancelled and recorded as `stray`. (cluster, id) -> batch.
     strays: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Jobs not final, so that a cycle's work is O(active jobs), not O(sweep).
+    active: set[int] = field(default_factory=set)
+    # Jobs a record changed since a reader (the live view) last took this set.
+    touched: set[int] = field(default_factory=set)
+
+    def take_touched(self) -> set[int]:
+        touched, self.touched = self.touched, set()
+        return touched
 
 
 class Journal:
@@ -178,6 +186,19 @@ def replay(records: list[dict]) -> SweepState:
 
 def apply(state: SweepState, r: dict) -> None:
     """One record's effect on the state: the only place that interprets records."""
+    _apply(state, r)
+    if "index" in r:
+        indices = [r["index"]]
+    else:
+        indices = r.get("indices") or [int(i) for i in r.get("job_ids") or ()]
+    for index in indices:
+        job = state.jobs.get(index)
+        if job is not None:
+            state.touched.add(index)
+            (state.active.discard if job.final else state.active.add)(index)
+
+
+def _apply(state: SweepState, r: dict) -> None:
     kind, t = r["kind"], r["t"]
     job = state.jobs.get(r.get("index")) if "index" in r else None
     if kind == "sweep":

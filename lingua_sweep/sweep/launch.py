@@ -7,7 +7,9 @@ reattaches to the sweep instead of starting it again.
 """
 
 import contextlib
+import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -28,7 +30,11 @@ from lingua_sweep.sweep.monitor import Monitor
 from lingua_sweep.sweep.params import LauncherParams
 
 log = logging.getLogger(__name__)
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Sweepers whose jobs are a grid: a failed job fails the run (Optuna's are trial outcomes).
+GRID_SWEEPERS = (
+    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    "hydra_plugins.lingua_sweep_launcher.grid_sweeper.GridSweeper",
+)
 # What a sweep leaves in its dir besides the numbered job dirs.
 PREVIOUS_SWEEP_FILES = (
     "journal.jsonl", "optuna.db", "multirun.yaml", "optimization_results.yaml", ".submitit",
@@ -133,6 +139,7 @@ def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) ->
     finally:
         monitor.stop()
         controller.close()
+        write_profile(controller)
     if p.detach:
         print(f"submitted; sweep dir: {controller.sweep_dir}\n"
               f"  lingua-sweep status {controller.sweep_dir}\n"
@@ -141,12 +148,24 @@ def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) ->
     monitor.summary(controller)
     returns = [job_return(controller, i) for i in indices]
     failed = [r for r in returns if r.status != JobStatus.COMPLETED]
-    if failed and str(launcher.config.hydra.sweeper.get("_target_")) == BASIC_SWEEPER:
+    if failed and str(launcher.config.hydra.sweeper.get("_target_")) in GRID_SWEEPERS:
         raise SweepFailed(
             f"{len(failed)} of {len(returns)} jobs did not complete (see the table above); "
             f"`lingua-sweep results {controller.sweep_dir}` has the details"
         )
     return returns
+
+
+def write_profile(controller: Controller) -> None:
+    """With LINGUA_SWEEP_PROFILE=<file>: the loop's cycle times and what simulated clusters saw,
+    as JSON, for bench/scale.py."""
+    path = os.environ.get("LINGUA_SWEEP_PROFILE")
+    if not path:
+        return
+    from lingua_sweep.sweep import simulator
+
+    Path(path).write_text(json.dumps({"cycle_s": controller.cycle_s,
+                                      "simulated": simulator.report()}))  # fmt: skip
 
 
 def cancel_on_ctrl_c(controller: Controller, monitor: Monitor, settle=None) -> NoReturn:
@@ -167,7 +186,8 @@ def job_return(controller: Controller, index: int) -> JobReturn:
     result = job.result or {}
     if result.get("status") == "COMPLETED" and index in controller.returns:
         return controller.returns[index]
-    ret = JobReturn(overrides=job.overrides, cfg=controller.configs.get(index))
+    config = controller.configs.get(index)
+    ret = JobReturn(overrides=job.overrides, cfg=config.template if config else None)
     if result.get("status") == "COMPLETED":
         ret.status = JobStatus.COMPLETED
         ret.return_value = decode_value(result)

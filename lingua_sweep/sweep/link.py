@@ -43,7 +43,7 @@ class Link:
     submit_after: float = 0.0
     refusals: int = 0
     max_array: int | None = None  # learned from a refusal of an array's size
-    ops: list[tuple[Future, Callable]] = field(default_factory=list)
+    ops: list[tuple[Future, Callable, str]] = field(default_factory=list)  # (.., then, kind)
     _queue: queue.Queue | None = None
 
     def down(self, reason: str, poll_s: float) -> None:
@@ -76,17 +76,21 @@ class Link:
 
     @property
     def busy(self) -> bool:
-        return any(not f.done() for f, _ in self.ops)
+        return any(not f.done() for f, _, _ in self.ops)
 
-    def start(self, work: Callable[[], Any], then: Callable[[Any], None]) -> None:
-        """Runs work() on this cluster's thread; then(result) runs in the main thread when
-        `collect` finds it done."""
+    @property
+    def polling(self) -> bool:
+        return any(kind == "poll" and not f.done() for f, _, kind in self.ops)
+
+    def start(self, work: Callable[[], Any], then: Callable[[Any], None], kind: str = "") -> None:
+        """Runs work() on this cluster's thread, after the calls started before it;
+        then(result) runs in the main thread when `collect` finds it done."""
         if self._queue is None:
             self._queue = queue.Queue()
             threading.Thread(target=self._worker, daemon=True, name=self.config.name).start()
         future: Future = Future()
         self._queue.put((work, future))
-        self.ops.append((future, then))
+        self.ops.append((future, then, kind))
 
     def _worker(self) -> None:
         while True:
@@ -98,5 +102,5 @@ class Link:
 
     def collect(self, wait: bool = False) -> None:
         while self.ops and (wait or self.ops[0][0].done()):
-            future, then = self.ops.pop(0)
+            future, then, _ = self.ops.pop(0)
             then(future.result())

@@ -20,6 +20,8 @@ from lingua_sweep.sweep.states import pending_words
 from lingua_sweep.sweep.tails import Tail, progress
 
 PLAIN_EVERY_S = 30.0
+FULL_TABLE_ROWS = 40  # a larger sweep's live table shows its running jobs and latest changes
+SUMMARY_ROWS = 200  # a larger sweep's summary lists the jobs that did not complete
 STYLES = {
     "COMPLETED": "green", "FAILED": "red", "CANCELLED": "yellow", "PRUNED": "magenta",
     "RUNNING": "cyan", "PENDING": "dim", "QUEUED": "dim",
@@ -41,45 +43,70 @@ class Row:
 
 
 def job_rows(
-    state, sweep_dir: Path, live: dict[int, Tail], totals: dict[int, int], ended: dict | None = None
-):
-    """The table's rows: running jobs' progress from their tails (what polls brought), the
-    others' from the metrics.jsonl in their local dir, read once per ended job with `ended`
-    (a cache the caller keeps)."""
+    state,
+    sweep_dir: Path,
+    live: dict[int, Tail],
+    totals: dict[int, int],
+    ended: dict | None = None,
+    *,
+    indices: list[int] | None = None,
+) -> list[Row]:
+    """The table's rows (of `indices`, or all): running jobs' progress from their tails (what
+    polls brought), the others' from the metrics.jsonl in their local dir, read once per ended
+    job with `ended` (a cache the caller keeps)."""
+    shared = shared_overrides(state.jobs.values())
     now = time.time()
-    rows = []
-    jobs = sorted(state.jobs.values(), key=lambda j: j.index)
-    # Only what varies says which job is which; the overrides all jobs share are noise.
-    shared = set.intersection(*(set(j.overrides) for j in jobs)) if len(jobs) > 1 else set()
-    for job in jobs:
-        tail = live.get(job.index)
-        if tail is not None and not job.final:
-            step, loss = tail.step, tail.loss
-        elif ended is not None and job.final and job.index in ended:
-            step, loss = ended[job.index]
-        else:
-            path = Path(layout.job_dir(sweep_dir, job.index)) / layout.METRICS_FILE
-            step, loss = progress(path.read_text(errors="replace") if path.exists() else None)
-            if ended is not None and job.final:
-                ended[job.index] = (step, loss)
-        if job.result and job.result.get("step") is not None:
-            step = job.result["step"]
-        end = job.ended_at or now
-        rows.append(
-            Row(
-                index=job.index,
-                params=" ".join(o for o in job.overrides if o not in shared),
-                cluster=job.cluster or "-",
-                job_id=job.job_id or "-",
-                state=job.state,
-                step=step,
-                total=totals.get(job.index),
-                loss=loss,
-                elapsed_s=end - job.started_at if job.started_at else None,
-                note=(job.result or {}).get("error") or pending_words(job.reason),
-            )
-        )
-    return rows
+    indices = sorted(state.jobs) if indices is None else indices
+    return [job_row(state.jobs[i], shared, sweep_dir, live, totals, ended, now) for i in indices]
+
+
+def shown_jobs(state) -> tuple[list[int], str]:
+    """Which jobs a table lists: all of a sweep up to SUMMARY_ROWS jobs; of a larger one, those
+    that did not complete (the first SUMMARY_ROWS). And a note saying what was left out."""
+    if len(state.jobs) <= SUMMARY_ROWS:
+        return sorted(state.jobs), ""
+    rest = sorted(i for i, j in state.jobs.items() if j.state != "COMPLETED")
+    completed = len(state.jobs) - len(rest)
+    note = f"{completed} completed jobs not listed (`lingua-sweep results` has them all)"
+    if len(rest) > SUMMARY_ROWS:
+        note += f"; {len(rest) - SUMMARY_ROWS} more not listed (--json lists every job)"
+    return rest[:SUMMARY_ROWS], note
+
+
+def shared_overrides(jobs) -> set[str]:
+    """The overrides every job has: noise in a row, which shows what varies."""
+    jobs = list(jobs)
+    return set.intersection(*(set(j.overrides) for j in jobs)) if len(jobs) > 1 else set()
+
+
+def job_row(job, shared, sweep_dir, live, totals, ended, now) -> Row:
+    tail = live.get(job.index)
+    if tail is not None and not job.final:
+        step, loss = tail.step, tail.loss
+    elif ended is not None and job.final and job.index in ended:
+        step, loss = ended[job.index]
+    elif job.final or job.started_at is not None:
+        path = Path(layout.job_dir(sweep_dir, job.index)) / layout.METRICS_FILE
+        step, loss = progress(path.read_text(errors="replace") if path.exists() else None)
+        if ended is not None and job.final:
+            ended[job.index] = (step, loss)
+    else:
+        step, loss = None, None  # never started: nothing to read
+    if job.result and job.result.get("step") is not None:
+        step = job.result["step"]
+    end = job.ended_at or now
+    return Row(
+        index=job.index,
+        params=" ".join(o for o in job.overrides if o not in shared),
+        cluster=job.cluster or "-",
+        job_id=job.job_id or "-",
+        state=job.state,
+        step=step,
+        total=totals.get(job.index),
+        loss=loss,
+        elapsed_s=end - job.started_at if job.started_at else None,
+        note=(job.result or {}).get("error") or pending_words(job.reason),
+    )
 
 
 def render(rows: list[Row], *, title: str, clusters_note: str = "") -> Table:
@@ -106,9 +133,13 @@ def totals_line(rows: list[Row]) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1
+    return totals_text(counts, len(rows))
+
+
+def totals_text(counts: dict[str, int], total: int) -> str:
     done = sum(counts.get(s, 0) for s in FINAL)
-    parts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-    return f"{done}/{len(rows)} done ({parts})"
+    parts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()) if n)
+    return f"{done}/{total} done ({parts})"
 
 
 def _duration(seconds: float | None) -> str:
@@ -121,44 +152,88 @@ def _duration(seconds: float | None) -> str:
 
 
 class Monitor:
+    """Keeps one row per job, recomputed only for jobs a journal record touched and running
+    ones (their progress moves): a cycle costs O(changed + running), not O(sweep)."""
+
     def __init__(self, *, live: bool | None = None, stream=None):
         self.stream = stream or sys.stderr
         self.console = Console(file=self.stream)
         self.live = self.console.is_terminal if live is None else live
         self._live: Live | None = None
-        self._seen: dict[int, str] = {}
+        self._rows: dict[int, Row] = {}
+        self._counts: dict[str, int] = {}
+        self._seen: dict[int, str] = {}  # job index -> the state last printed (plain mode)
         self._ended: dict[int, tuple] = {}  # ended jobs' (step, loss), read once
+        self._shared: set[str] = set()
+        self._known = 0  # jobs when `_shared` was computed
         self._last_plain = 0.0
+        self._recent: list[int] = []  # the latest jobs to change state (a large sweep's view)
+
+    def _refresh(self, controller) -> list[Row]:
+        """Brings the rows up to date; returns those whose state changed."""
+        state = controller.state
+        touched = state.take_touched()
+        if len(state.jobs) != self._known:  # new jobs: what varies may have changed
+            self._shared = shared_overrides(state.jobs.values())
+            self._known = len(state.jobs)
+            touched = set(state.jobs)
+        running = {i for i in state.active if state.jobs[i].state == "RUNNING"}
+        now, changed = time.time(), []
+        for index in sorted(touched | running):
+            row = job_row(state.jobs[index], self._shared, controller.sweep_dir,
+                          controller.tails, _totals(controller), self._ended, now)  # fmt: skip
+            old = self._rows.get(index)
+            if old is not None:
+                self._counts[old.state] -= 1
+            self._counts[row.state] = self._counts.get(row.state, 0) + 1
+            self._rows[index] = row
+            if old is None or old.state != row.state:
+                changed.append(row)
+        return changed
+
+    def totals(self) -> str:
+        return totals_text(self._counts, len(self._rows))
 
     def update(self, controller) -> None:
-        rows = job_rows(controller.state, controller.sweep_dir, controller.tails,
-                        _totals(controller), self._ended)  # fmt: skip
+        changed = self._refresh(controller)
         down = [f"{n}: {link.reason}" for n, link in controller.links.items() if link.reason]
         note = ("unreachable: " + "; ".join(down)) if down else ""
         if self.live:
-            table = render(rows, title=f"sweep {controller.sweep_dir}  ·  {totals_line(rows)}",
-                           clusters_note=note)  # fmt: skip
+            table = render(self._view(changed), clusters_note=note,
+                           title=f"sweep {controller.sweep_dir}  ·  {self.totals()}")  # fmt: skip
             if self._live is None:
                 self._live = Live(table, console=self.console, auto_refresh=False)
                 self._live.start()
             self._live.update(table, refresh=True)
             return
-        for r in rows:
+        for r in changed:
             if self._seen.get(r.index) != r.state:
                 where = f" on {r.cluster} (job {r.job_id})" if r.job_id != "-" else ""
                 tail = f": {r.note}" if r.note and r.state in FINAL else ""
                 print(f"#{r.index} {r.state}{where} {r.params}{tail}", file=self.stream)
                 self._seen[r.index] = r.state
         if time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
-            progress_part = "; ".join(
-                f"#{r.index} {r.step}/{r.total or '?'} loss {r.loss:.4g}"
-                for r in rows
+            running = [
+                r
+                for r in map(self._rows.get, sorted(controller.state.active))
                 if r.state == "RUNNING" and r.step is not None and r.loss is not None
-            )
-            print(f"[sweep] {totals_line(rows)}" + (f"; {progress_part}" if progress_part else "")
+            ]
+            progress_part = "; ".join(f"#{r.index} {r.step}/{r.total or '?'} loss {r.loss:.4g}"
+                                      for r in running[:FULL_TABLE_ROWS])  # fmt: skip
+            print(f"[sweep] {self.totals()}" + (f"; {progress_part}" if progress_part else "")
                   + (f"; {note}" if note else ""), file=self.stream)  # fmt: skip
             self._last_plain = time.monotonic()
         self.stream.flush()
+
+    def _view(self, changed: list[Row]) -> list[Row]:
+        """A small sweep whole; a large one as its running jobs and the latest changes, at
+        most FULL_TABLE_ROWS rows (the totals line counts them all)."""
+        if len(self._rows) <= FULL_TABLE_ROWS:
+            return [self._rows[i] for i in sorted(self._rows)]
+        self._recent = ([r.index for r in changed] + self._recent)[:10]
+        running = [i for i, r in self._rows.items() if r.state == "RUNNING"][:FULL_TABLE_ROWS]
+        picked = sorted(set(running[: FULL_TABLE_ROWS - 10]) | set(self._recent))
+        return [self._rows[i] for i in picked]
 
     def stop(self) -> None:
         if self._live is not None:
@@ -167,18 +242,16 @@ class Monitor:
 
     def summary(self, controller) -> None:
         self.stop()
-        rows = job_rows(controller.state, controller.sweep_dir, controller.tails,
-                        _totals(controller))  # fmt: skip
+        self._refresh(controller)
+        shown, left_out = shown_jobs(controller.state)
         console = Console(file=self.stream, width=max(self.console.width, 100))
-        console.print(render(rows, title=f"sweep summary  ·  {totals_line(rows)}"))
+        console.print(render([self._rows[i] for i in shown],
+                             title=f"sweep summary  ·  {self.totals()}"))  # fmt: skip
+        if left_out:
+            console.print(left_out, soft_wrap=True)
         console.print(f"sweep dir: {controller.sweep_dir}", soft_wrap=True)
         console.print(f"results:   lingua-sweep results {controller.sweep_dir}", soft_wrap=True)
 
 
 def _totals(controller) -> dict[int, int]:
-    out = {}
-    for index, config in controller.configs.items():
-        steps = config.get("steps") if hasattr(config, "get") else None
-        if isinstance(steps, int):
-            out[index] = steps
-    return out
+    return controller.totals

@@ -72,6 +72,7 @@ class Submitter:
         self.c = controller
         self.failures: dict[int, int] = {}  # job index -> refused submissions
         self.data_checked: dict[tuple, str | None] = {}
+        self._singletons = None  # Hydra's global state, taken once (it is not cheap)
 
     # --- building a batch, in the main thread -----------------------------------------------
 
@@ -82,7 +83,9 @@ class Submitter:
             base = str(c.sweep_dir)
         else:
             base = layout.remote_base(cl, name, c.sweep_dir, c.sweep_id)
-        singletons = Singleton.get_state()
+        if self._singletons is None:
+            self._singletons = Singleton.get_state()
+        singletons = self._singletons
         work, remote_dirs = [], {}
         for job in share:
             config = c.config_for(job, cl, base)
@@ -159,18 +162,19 @@ class Submitter:
             return {"unknown": e.reason, "code": link.backend.code}
         return {**reply, "code": link.backend.code}
 
-    def _data_key(self, link, config) -> tuple | None:
-        cl = link.config
+    def _data_key(self, link, job_config) -> tuple | None:
+        cl, config = link.config, job_config.data_view()
         if not is_trainer_config(config) or not cl.data_on_login_node:
             return None
         return (cl.name, config.data.root, config.data.train_files, config.data.val_file)
 
-    def _check_data(self, link, config) -> str | None:
+    def _check_data(self, link, job_config) -> str | None:
         """The trainer's data must exist where the job will run, before anything is submitted:
         checked here for this machine's filesystem, by the agent on a login node."""
         cl = link.config
-        if self._data_key(link, config) is None:
+        if self._data_key(link, job_config) is None:
             return None
+        config = job_config.data_view()
         if link.backend.files_here:
             from lingua_sweep.data import check_data_files
 

@@ -17,7 +17,7 @@ from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import layout, remote
 from lingua_sweep.sweep.controller import Controller
 from lingua_sweep.sweep.journal import Journal
-from lingua_sweep.sweep.monitor import job_rows, render, totals_line
+from lingua_sweep.sweep.monitor import job_rows, render, shown_jobs, totals_text
 from lingua_sweep.sweep.params import LauncherParams
 from lingua_sweep.sweep.states import FINAL, pending_words
 from lingua_sweep.sweep.tails import Tail
@@ -71,8 +71,10 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
                 piece = reply["files"].get(controller.metrics_path(j))
                 if piece is not None:
                     controller.tails.setdefault(j.index, Tail()).feed(piece)
-    rows = job_rows(controller.state, controller.sweep_dir, controller.tails,
-                    _total_steps(controller))  # fmt: skip
+    state = controller.state
+    shown, left_out = (sorted(state.jobs), "") if as_json else shown_jobs(state)
+    rows = job_rows(state, controller.sweep_dir, controller.tails,
+                    _total_steps(controller, shown), indices=shown)  # fmt: skip
     for row in rows:
         if row.index in live_states and row.state not in FINAL:
             row.state, reason = live_states[row.index]
@@ -89,16 +91,28 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
     from rich.console import Console
 
     console = Console(file=out or sys.stdout)
-    console.print(render(rows, title=f"sweep {controller.sweep_dir}  ·  {totals_line(rows)}"))
+    counts: dict[str, int] = {}
+    for job in state.jobs.values():
+        counts[job.state] = counts.get(job.state, 0) + 1
+    if live_states:  # what the clusters say now, for the jobs the journal has not closed
+        for index, (live, _) in live_states.items():
+            old = state.jobs[index].state
+            if old not in FINAL:
+                counts[old] -= 1
+                counts[live] = counts.get(live, 0) + 1
+    title = f"sweep {controller.sweep_dir}  ·  {totals_text(counts, len(state.jobs))}"
+    console.print(render(rows, title=title))
+    if left_out:
+        console.print(left_out, soft_wrap=True)
     for name, reason in unreachable.items():
         console.print(f"  {name} unreachable: {reason}", style="red", soft_wrap=True)
     return 0
 
 
-def _total_steps(controller: Controller) -> dict[int, int]:
+def _total_steps(controller: Controller, indices: list[int]) -> dict[int, int]:
     """Each job's `steps`, from the resolved config the trainer wrote in its dir (if any)."""
     out = {}
-    for index in controller.state.jobs:
+    for index in indices:
         path = Path(layout.job_dir(controller.sweep_dir, index)) / ".hydra" / "config.yaml"
         try:
             steps = OmegaConf.load(path).get("steps")

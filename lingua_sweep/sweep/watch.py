@@ -57,11 +57,13 @@ class Watcher:
     def poll(self) -> None:
         c = self.c
         for name, link in c.links.items():
-            if link.busy or not link.available:
+            # Behind a submission in flight if need be (a sweep submitting every cycle must
+            # still see its jobs end), but never two polls queued.
+            if link.polling or not link.available:
                 continue
             mine, request = self.poll_request(name, files="running" if c.want_metrics else None)
-            strays = [i for (cl, i), idx in c.state.known_ids.items()
-                      if cl == name and idx is None and i in self._active_strays]  # fmt: skip
+            strays = [i for i in sorted(self._active_strays)
+                      if c.state.known_ids.get((name, i), -1) is None]  # fmt: skip
             used = any(cl == name for cl, _ in c.state.known_ids) and link.config.slurm
             quiet = time.monotonic() - self._last_poll.get(name, -1e9) < c.p.probe_every_s
             if not mine and not strays and not (used and not quiet):
@@ -70,7 +72,8 @@ class Watcher:
             stops = [j.job_id for j in mine if j.stopping] + strays
             link.start(lambda link=link, request=request, stops=stops:
                        self._poll_work(link, request, stops),
-                       lambda out, link=link, mine=mine: self._polled(link, mine, out))  # fmt: skip
+                       lambda out, link=link, mine=mine: self._polled(link, mine, out),
+                       kind="poll")  # fmt: skip
 
     def _poll_work(self, link: Link, request: dict, stops: list[str]) -> dict[str, Any]:
         """On the cluster's thread: scancel what must stop, poll, bring finished jobs' outputs

@@ -1,0 +1,431 @@
+"""A simulated Slurm cluster behind the Backend protocol: measure the controller at 10,000 jobs
+and compare placement policies, with no Slurm and no GPU.
+
+A cluster is `simulated:` in its config (the fields of `SimSpec`); `make_backend` then hands the
+controller a `SimBackend`, and the controller drives it exactly as it drives a real cluster:
+probe, fenced submissions of arrays, polls with pending reasons, scancels, limits. One
+`SimCluster` per cluster name lives in the process (`cluster_for`), so `status` and a second
+controller in the same process see the same queue.
+
+The model: nodes with GPUs and CPUs; a queue started first-fit in submission order (FIFO with
+backfill, within `backfill_depth` jobs as Slurm's bf_max_job_test); job durations lognormal
+around `duration_s`; failures, preemptions and node failures at given rates; a background
+user's jobs at a given load; jobs invisible to squeue/sacct for `visibility_lag_s` after sbatch
+(slurmdbd's lag); sbatch taking `submit_latency_s`. Time runs `speed` times faster than the
+wall clock. A finished job writes what a real one writes in its dir (status.json, metrics.jsonl,
+.hydra/overrides.yaml), so `results` reads it as it would a real sweep.
+
+`SimCluster.cpu_s` counts the CPU the simulator itself spends (thread time inside its calls),
+so a benchmark can tell the launcher's cost from the simulated cluster's.
+"""
+
+import heapq
+import itertools
+import json
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lingua_sweep.clusters import ClusterStatus, NodeRoom
+from lingua_sweep.config import ClusterConfig
+from lingua_sweep.sweep import job as job_lib
+from lingua_sweep.sweep import layout
+from lingua_sweep.sweep.limits import Limits
+from lingua_sweep.sweep.states import WHY_FAILED
+
+ENDS_TO_OUTCOME = {"PREEMPTED": "RESUBMIT", "NODE_FAIL": "RESUBMIT"}
+METRIC_LINES = 5  # metrics.jsonl lines a simulated job writes over its run
+
+
+@dataclass(kw_only=True)
+class SimSpec:
+    nodes: int = 4
+    gpus_per_node: int = 8
+    cpus_per_node: int = 64
+    duration_s: float = 60.0  # median run time of a job, in simulated seconds
+    duration_sigma: float = 0.25  # lognormal spread of run times
+    fail_rate: float = 0.0  # a job raises (FAILED)
+    preempt_rate: float = 0.0  # a job is preempted (PREEMPTED: the launcher resubmits it)
+    node_fail_rate: float = 0.0  # a job's node fails (NODE_FAIL)
+    background_load: float = 0.0  # share of GPUs another user keeps busy, on average
+    background_gpus: int = 8  # GPUs per background job
+    background_duration_s: float = 600.0
+    visibility_lag_s: float = 0.0  # a new job is absent from squeue/sacct this long (real s)
+    submit_latency_s: float = 0.0  # wall time of one sbatch (real s)
+    max_array_size: int = 1001
+    max_jobs: int | None = None  # the user's running-jobs limit (a QOS's MaxJobsPerUser)
+    backfill_depth: int = 500
+    speed: float = 1.0  # simulated seconds per real second
+    seed: int = 0
+
+
+@dataclass
+class SimJob:
+    id: str
+    name: str
+    user: str
+    gpus: int  # per node
+    cpus: int  # per node
+    nodes: int
+    duration: float  # simulated seconds it runs, if nothing stops it
+    submitted: float  # real monotonic time of the sbatch (visibility)
+    end_as: str = "COMPLETED"
+    time_limit: float = math.inf
+    job_dir: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    state: str = "PENDING"
+    reason: str = "Priority"
+    start: float | None = None  # simulated time
+    end: float | None = None
+    on: list[int] = field(default_factory=list)  # node indices
+
+
+class SimCluster:
+    def __init__(self, name: str, spec: SimSpec):
+        self.name, self.spec = name, spec
+        self.rng = random.Random(spec.seed)
+        self.free_gpus = [spec.gpus_per_node] * spec.nodes
+        self.free_cpus = [spec.cpus_per_node] * spec.nodes
+        self.jobs: dict[str, SimJob] = {}
+        self.queue: list[str] = []  # pending, in priority (submission) order
+        self.ends: list[tuple[float, str]] = []  # heap of (simulated end, id) of running jobs
+        self.lock = threading.RLock()
+        self.t0 = time.monotonic()
+        self.next_id = itertools.count(1000)
+        self.next_background = 0.0
+        self.active: set[str] = set()  # pending or running
+        self.running_mine = self.pending_mine = 0
+        self.calls: dict[str, int] = {}  # what the controller asked, by kind (calibration)
+        self.cpu_s = 0.0
+        self.max_running = 0
+        # The launcher's reaction time: from a slot ours freed, with none of ours pending to
+        # take it, to the next submission of ours (simulated seconds).
+        self.freed: list[float] = []
+        self.reaction_s: list[float] = []
+
+    def now(self) -> float:
+        return (time.monotonic() - self.t0) * self.spec.speed
+
+    # --- the scheduler ----------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Everything up to now: ends, background arrivals, then starts."""
+        now = self.now()
+        while self.ends and self.ends[0][0] <= now:
+            t, job_id = heapq.heappop(self.ends)
+            self._end(self.jobs[job_id], t)
+        self._background(now)
+        self._start(now)
+
+    def _end(self, job: SimJob, t: float, state: str | None = None) -> None:
+        if job.state != "RUNNING":
+            return
+        job.state, job.end = state or job.end_as, t
+        self.active.discard(job.id)
+        self.running_mine -= job.user == "me"
+        if job.user == "me" and not self.pending_mine:
+            self.freed.append(t)
+        for n in job.on:
+            self.free_gpus[n] += job.gpus
+            self.free_cpus[n] += job.cpus
+        if job.job_dir is not None:
+            self._write_outputs(job)
+
+    def _background(self, now: float) -> None:
+        s = self.spec
+        if s.background_load <= 0:
+            return
+        # Poisson arrivals at the rate that keeps `background_load` of the GPUs busy.
+        total = s.nodes * max(s.gpus_per_node, 1)
+        rate = s.background_load * total / (s.background_gpus * s.background_duration_s)
+        while self.next_background <= now:
+            gpus = min(s.background_gpus, s.gpus_per_node) if s.gpus_per_node else 0
+            job = SimJob(id=str(next(self.next_id)), name="background", user="other", gpus=gpus,
+                         cpus=1, nodes=1, submitted=time.monotonic(),
+                         duration=self.rng.expovariate(1 / s.background_duration_s))  # fmt: skip
+            self._enqueue(job)
+            self.next_background += self.rng.expovariate(rate)
+
+    def _start(self, now: float) -> None:
+        if not self.queue or not any(self.free_cpus):
+            return
+        started, resources_noted = [], False
+        for job_id in self.queue[: self.spec.backfill_depth]:
+            job = self.jobs[job_id]
+            if job.user == "me" and self.running_mine >= (self.spec.max_jobs or math.inf):
+                job.reason = "QOSMaxJobsPerUserLimit"
+                continue
+            gpus, cpus = self.free_gpus, self.free_cpus
+            nodes = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus]
+            if len(nodes) < job.nodes:
+                job.reason = "Priority" if resources_noted else "Resources"
+                resources_noted = True
+                if not any(self.free_cpus):
+                    break
+                continue
+            job.on = nodes[: job.nodes]
+            for n in job.on:
+                self.free_gpus[n] -= job.gpus
+                self.free_cpus[n] -= job.cpus
+            job.state, job.start, job.reason = "RUNNING", now, "None"
+            self.running_mine += job.user == "me"
+            self.pending_mine -= job.user == "me"
+            if job.user != "me" and self.freed:
+                self.freed.pop(0)  # another user's job took a slot ours had freed
+            heapq.heappush(self.ends, (now + min(job.duration, job.time_limit), job.id))
+            started.append(job_id)
+        if started:
+            gone = set(started)
+            self.queue = [i for i in self.queue if i not in gone]
+        self.max_running = max(self.max_running, self.running_mine)
+
+    def _enqueue(self, job: SimJob) -> None:
+        self.jobs[job.id] = job
+        self.queue.append(job.id)
+        self.active.add(job.id)
+        self.pending_mine += job.user == "me"
+
+    def _write_outputs(self, job: SimJob) -> None:
+        """What the job's own process writes in its dir on a real cluster."""
+        d = Path(job.job_dir)
+        (d / ".hydra").mkdir(parents=True, exist_ok=True)
+        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in job.overrides))
+        (d / layout.METRICS_FILE).write_text(self._metrics(job, math.inf))
+        status = "COMPLETED" if job.state == "COMPLETED" else "FAILED"
+        job_lib.write_status(d, status=status, job_id=job.id, cluster=self.name,
+                             started=job.start, step=self._steps_done(job, job.end))  # fmt: skip
+
+    def _steps_done(self, job: SimJob, t: float) -> int:
+        if job.start is None:
+            return 0
+        return min(METRIC_LINES, int(METRIC_LINES * (t - job.start) / max(job.duration, 1e-9)))
+
+    def _metrics(self, job: SimJob, t: float) -> str:
+        """The job's metrics.jsonl as far as it got by simulated time `t`: a falling loss."""
+        done = self._steps_done(job, min(t, job.end if job.end is not None else t))
+        base = 3.0 + (int(job.id) % 97) / 97
+        return "".join(
+            json.dumps({"step": k * 100, "loss/train": round(base + 1 / k, 4),
+                        **({"loss/val": round(base + 1.1 / k, 4)} if k == METRIC_LINES else {})})
+            + "\n" for k in range(1, done + 1)
+        )  # fmt: skip
+
+    # --- what the agent does on a real cluster ---------------------------------------------
+
+    def _counted(self, kind: str):
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        return _CpuClock(self)
+
+    def submit(self, tasks: list, *, folder: str, params: dict, batch: str) -> dict[str, Any]:
+        with self._counted("submit"):
+            if len(tasks) > self.spec.max_array_size:
+                return {"refused": f"Invalid job array specification (MaxArraySize="
+                        f"{self.spec.max_array_size})", "kind": "too_big"}  # fmt: skip
+            with self.lock:
+                self.advance()
+                base = str(next(self.next_id))
+                ids = [f"{base}_{k}" for k in range(len(tasks))] if len(tasks) > 1 else [base]
+                s = self.spec
+                limit = (params.get("time") or math.inf) * 60
+                for job_id, task in zip(ids, tasks, strict=True):
+                    config = task.config  # a compose.JobConfig
+                    job_dir = layout.job_dir(str(config.template.hydra.sweep.dir), config.num)
+                    spread = math.exp(self.rng.gauss(0, s.duration_sigma))
+                    cpus = params.get("ntasks_per_node", 1) * (params.get("cpus_per_task") or 1)
+                    job = SimJob(id=job_id, name=batch, user="me", nodes=params.get("nodes", 1),
+                                 gpus=params.get("gpus_per_node") or 0, cpus=cpus,
+                                 duration=s.duration_s * spread, submitted=time.monotonic(),
+                                 end_as=self._draw_end(), time_limit=limit, job_dir=job_dir,
+                                 overrides=list(config.task))  # fmt: skip
+                    if job.duration > limit:
+                        job.end_as = "TIMEOUT"
+                    self._enqueue(job)
+                    if self.freed:
+                        self.reaction_s.append(self.now() - self.freed.pop(0))
+                self.advance()
+        if self.spec.submit_latency_s:
+            time.sleep(self.spec.submit_latency_s)
+        return {"ids": ids}
+
+    def _draw_end(self) -> str:
+        s, u = self.spec, self.rng.random()
+        for state, rate in (("FAILED", s.fail_rate), ("PREEMPTED", s.preempt_rate),
+                            ("NODE_FAIL", s.node_fail_rate)):  # fmt: skip
+            if u < rate:
+                return state
+            u -= rate
+        return "COMPLETED"
+
+    def find(self, batch: str, *, cancel: bool = False) -> list[str]:
+        with self._counted("resolve"), self.lock:
+            ids = [j.id for j in self.jobs.values() if j.name == batch]
+        if cancel:
+            self.cancel(ids)
+        return ids
+
+    def cancel(self, ids: list[str]) -> None:
+        with self._counted("cancel"), self.lock:
+            self.advance()
+            now = self.now()
+            for job_id in ids:
+                job = self.jobs.get(job_id)
+                if job is None or job.state not in ("PENDING", "RUNNING"):
+                    continue
+                if job.state == "PENDING":
+                    job.state, job.end = "CANCELLED", now
+                    self.queue.remove(job_id)
+                    self.active.discard(job_id)
+                    self.pending_mine -= job.user == "me"
+                else:
+                    self._end(job, now, "CANCELLED")
+            self._start(now)
+
+    def poll(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._counted("poll"), self.lock:
+            self.advance()
+            now, wall = self.now(), time.monotonic()
+            states, outcomes, files = {}, {}, {}
+            for j in request.get("jobs", []):
+                job = self.jobs.get(j["id"])
+                if job is None or wall - job.submitted < self.spec.visibility_lag_s:
+                    states[j["id"]] = {"state": "UNKNOWN"}
+                    continue
+                info = {"state": job.state, "ran": job.start is not None}
+                if job.state == "PENDING":
+                    info["reason"] = job.reason
+                states[j["id"]] = info
+                if job.end is not None:
+                    outcomes[j["id"]] = self._outcome(job)
+            by_dir = {f"{j.job_dir}/{layout.METRICS_FILE}": j for j in self._ours(request)}
+            for path, offset in request.get("files", {}).items():
+                job = by_dir.get(path)
+                if job is not None and job.start is not None:
+                    text = self._metrics(job, now)
+                    start = offset if offset is not None and offset <= len(text) else 0
+                    files[path] = {"start": start, "end": len(text), "text": text[start:]}
+            prefix = request.get("prefix") or "\0"
+            named = {j.id: j.name for j in map(self.jobs.get, self.active)
+                     if j.name.startswith(prefix)
+                     and wall - j.submitted >= self.spec.visibility_lag_s}  # fmt: skip
+            return {"states": states, "outcomes": outcomes, "files": files, "named": named,
+                    "usage": {}}  # fmt: skip
+
+    def _ours(self, request: dict[str, Any]) -> list[SimJob]:
+        return [self.jobs[j["id"]] for j in request.get("jobs", []) if j["id"] in self.jobs]
+
+    def _outcome(self, job: SimJob) -> dict[str, Any]:
+        if job.state == "COMPLETED":
+            return {"status": "COMPLETED", "value": 3.0 + (int(job.id.split("_")[0]) % 97) / 97}
+        if job.state == "CANCELLED":
+            return {"status": "CANCELLED", "error": "cancelled (scancel)"}
+        if job.state in ENDS_TO_OUTCOME:
+            return {"status": ENDS_TO_OUTCOME[job.state], "error": WHY_FAILED[job.state]}
+        why = WHY_FAILED.get(job.state, "simulated failure: the task raised")
+        return {"status": "FAILED", "error": why}
+
+    def probe(self) -> ClusterStatus:
+        with self._counted("probe"), self.lock:
+            self.advance()
+            nodes = [NodeRoom(name=f"{self.name}{n}", state="idle" if self.free_cpus[n] else
+                              "alloc", free_cpus=self.free_cpus[n], free_gpus=self.free_gpus[n])
+                     for n in range(self.spec.nodes)]  # fmt: skip
+            idle = sum(1 for n in range(self.spec.nodes)
+                       if self.free_gpus[n] == self.spec.gpus_per_node
+                       and self.free_cpus[n] == self.spec.cpus_per_node)  # fmt: skip
+            return ClusterStatus(name=self.name, state="idle" if idle else "busy",
+                                 idle_nodes=idle, total_nodes=self.spec.nodes, reason=None,
+                                 elapsed_s=0.0, nodes=nodes)  # fmt: skip
+
+    def limits(self) -> tuple[Limits, dict[str, int]]:
+        with self._counted("limits"):
+            why = {"max_jobs": f"QOS sim MaxJobsPerUser={self.spec.max_jobs}"}
+            return Limits(max_jobs=self.spec.max_jobs, max_array=self.spec.max_array_size,
+                          why=why if self.spec.max_jobs else {}), {}  # fmt: skip
+
+
+class _CpuClock:
+    """Adds the thread's CPU time spent inside a simulator call to the cluster's account."""
+
+    def __init__(self, cluster: SimCluster):
+        self.cluster = cluster
+
+    def __enter__(self):
+        self.t = time.thread_time()
+
+    def __exit__(self, *exc):
+        with self.cluster.lock:
+            self.cluster.cpu_s += time.thread_time() - self.t
+
+
+_CLUSTERS: dict[str, SimCluster] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def cluster_for(config: ClusterConfig) -> SimCluster:
+    """This process's simulated cluster of that name (made at first use)."""
+    spec = SimSpec(**dict(config.simulated or {}))
+    with _REGISTRY_LOCK:
+        sim = _CLUSTERS.get(config.name)
+        if sim is None or asdict(sim.spec) != asdict(spec):
+            sim = _CLUSTERS[config.name] = SimCluster(config.name, spec)
+        return sim
+
+
+def report() -> dict[str, Any]:
+    """What every simulated cluster of this process did: calls by kind, the simulator's own
+    CPU, the most jobs of ours running at once, the launcher's reaction times."""
+    with _REGISTRY_LOCK:
+        sims = list(_CLUSTERS.values())
+    return {
+        s.name: {"calls": s.calls, "cpu_s": round(s.cpu_s, 3), "max_running": s.max_running,
+                 "reaction_s": [round(r / s.spec.speed, 3) for r in s.reaction_s],
+                 "jobs": sum(1 for j in s.jobs.values() if j.user == "me")}
+        for s in sims
+    }  # fmt: skip
+
+
+def forget_all() -> None:
+    """Drops every simulated cluster (a new benchmark run starts from empty queues)."""
+    with _REGISTRY_LOCK:
+        _CLUSTERS.clear()
+
+
+class SimBackend:
+    files_here = True
+
+    def __init__(self, cluster: ClusterConfig):
+        self.cluster = cluster
+        self.code: dict[str, Any] = {}
+        self.sim = cluster_for(cluster)
+
+    def prepare(self) -> None:
+        pass
+
+    def submit(self, tasks, *, folder, params, batch, fence):
+        return self.sim.submit(tasks, folder=folder, params=params, batch=batch)
+
+    def resolve(self, batch, fence, *, since=None, cancel=False):
+        return {"ids": self.sim.find(batch, cancel=cancel)}
+
+    def poll(self, request):
+        return self.sim.poll(request)
+
+    def cancel(self, ids):
+        if ids:
+            self.sim.cancel(ids)
+
+    def fetch(self, remote_dir, local_dir):
+        pass
+
+    def missing(self, paths):
+        return []  # a simulated cluster has whatever data it is asked for
+
+    def limits(self, prefix):
+        return self.sim.limits()
+
+    def probe(self, timeout_s: float) -> ClusterStatus:
+        return self.sim.probe()
