@@ -8,7 +8,8 @@ Runs `tests/apps/rank_app.py -m value=range(0,N) hydra/sweeper=grid hydra/launch
 (one-GPU jobs, eight to a node) in a process of its own, against two simulated Slurm clusters
 (lingua_sweep/sweep/simulator.py: 64 and 32 nodes of 8 GPUs, jobs of ~2 s at the bench's
 speed, 1% failures, 1% preemptions, a second of sacct lag, another user keeping 20% of the GPUs
-busy), or the real testbed (1-second jobs). Prints, per N: the launcher's CPU per job (the
+busy, at most 5,000 jobs of the user in each queue, as a QOS's MaxSubmitJobsPerUser), or the
+real testbed (1-second jobs). Prints, per N: the launcher's CPU per job (the
 simulator's own CPU, which it counts, taken out), its peak RSS, the loop's cycle time p50/p99,
 the launcher's reaction time (a slot ours freed with nothing of ours queued there, to our next
 job starting on it), and the wall time of `lingua-sweep status`, `lingua-sweep results` and of
@@ -42,7 +43,7 @@ def write_clusters(conf: Path, root: Path) -> None:
     for name, shape in SIMULATED.items():
         spec = {"nodes": shape["nodes"], "gpus_per_node": 8, "cpus_per_node": 64,
                 "duration_s": 600.0, "duration_sigma": 0.25, "fail_rate": 0.01,
-                "preempt_rate": 0.01, "visibility_lag_s": 1.0,
+                "preempt_rate": 0.01, "visibility_lag_s": 1.0, "max_submit": 5000,
                 "background_load": shape["background_load"], "background_duration_s": 1800.0,
                 "speed": SPEED, "seed": shape["priority"]}  # fmt: skip
         cluster = {"name": name, "provider": "simulated", "gpus_per_node": 8,

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, Journal, replay
+from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, Journal, apply, replay
 
 
 def _jobs(journal: Journal, n: int = 2) -> None:
@@ -200,3 +200,44 @@ def test_a_short_write_on_a_full_disk_is_an_error_and_leaves_no_record(tmp_path)
     assert [r["kind"] for r in journal.records()] == ["sweep", "job"]
     journal.append("note", text="after")
     assert [r["kind"] for r in journal.records()] == ["sweep", "job", "note"]
+
+
+def test_the_state_indexes_agree_with_the_jobs_after_every_record(tmp_path):
+    """`active`, `by_state` and `touched` keep a cycle's work O(active jobs): they must say what
+    a scan of every job would, after any record, including ones for a job that moved on."""
+    import random
+
+    rng = random.Random(3)
+    journal = Journal(tmp_path)
+    journal.append("sweep", id="s", name="n")
+    records = [("job", {"index": i, "overrides": [f"x={i}"], "config_hash": "h"}) for i in range(8)]
+    records.append(("intent", {"batch": "b1", "cluster": "a", "indices": [0, 1, 2, 3]}))
+    records.append(
+        (
+            "submitted",
+            {
+                "batch": "b1",
+                "cluster": "a",
+                "folder": "f",
+                "tasks": 1,
+                "job_ids": {"0": "1_0", "1": "1_1", "2": "1_2", "3": "1_3"},
+            },
+        )
+    )
+    records += [("state", {"index": i, "state": rng.choice(["RUNNING", "PENDING"])})
+                for i in range(4)]  # fmt: skip
+    records.append(("result", {"index": 0, "status": "COMPLETED"}))
+    records.append(("moved", {"index": 1, "to": "b", "reason": "pending"}))
+    records.append(("resubmit", {"index": 2, "to": "a", "reason": "preempted"}))
+    records.append(("unsubmitted", {"batch": "b0", "indices": [5], "reason": "x"}))
+    records.append(("result", {"index": 0, "status": "FAILED"}))  # a late word: ignored
+    records.append(("result", {"index": 7, "status": "CANCELLED"}))
+    state = journal.replay()
+    for kind, fields in records:
+        apply(state, journal.append(kind, **fields))
+        for name in {j.state for j in state.jobs.values()} | set(state.by_state):
+            want = {i for i, j in state.jobs.items() if j.state == name}
+            assert state.by_state.get(name, set()) == want, (kind, name)
+        assert state.active == {i for i, j in state.jobs.items() if not j.final}, kind
+    assert state.take_touched() == set(range(8)) and state.touched == set()
+    assert journal.replay().by_state == state.by_state

@@ -205,16 +205,18 @@ class Controller:
             link.collect(wait=True)
 
     def jobs(self, *states: str) -> list[JobEntry]:
-        """The jobs in these states (all, by default), in index order; O(active jobs) when
-        none of the states is final."""
-        if states and not any(s in journal_lib.FINAL for s in states):
-            return [j for j in map(self.state.jobs.get, sorted(self.state.active))
-                    if j.state in states]  # fmt: skip
-        return [j for j in self.state.jobs.values() if not states or j.state in states]
+        """The jobs in these states (all, by default), in index order; O(jobs in them)."""
+        if not states:
+            return list(self.state.jobs.values())
+        by_state = self.state.by_state
+        indices = set().union(*(by_state.get(s, ()) for s in states))
+        return [self.state.jobs[i] for i in sorted(indices)]
 
     def open_jobs(self) -> list[JobEntry]:
         """Jobs on a cluster and not final, in index order."""
-        return [j for j in map(self.state.jobs.get, sorted(self.state.active)) if j.job_id]
+        waiting = (*journal_lib.FINAL, QUEUED, SUBMITTING)  # not final, or not on a cluster
+        indices = set().union(*(v for s, v in self.state.by_state.items() if s not in waiting))
+        return [j for j in map(self.state.jobs.get, sorted(indices)) if j.job_id]
 
     def record(self, kind: str, **fields) -> None:
         """Writes a record, then applies it: memory never runs ahead of the journal."""

@@ -74,8 +74,9 @@ class SweepState:
     # Slurm jobs that landed for a job already final or placed elsewhere (a late sbatch): they
     # must be cancelled and recorded as `stray`. (cluster, id) -> batch.
     strays: dict[tuple[str, str], str] = field(default_factory=dict)
-    # Jobs not final, so that a cycle's work is O(active jobs), not O(sweep).
+    # Jobs not final, and jobs by state, so that a cycle's work is O(active jobs), not O(sweep).
     active: set[int] = field(default_factory=set)
+    by_state: dict[str, set[int]] = field(default_factory=dict)
     # Jobs a record changed since a reader (the live view) last took this set.
     touched: set[int] = field(default_factory=set)
 
@@ -186,16 +187,23 @@ def replay(records: list[dict]) -> SweepState:
 
 def apply(state: SweepState, r: dict) -> None:
     """One record's effect on the state: the only place that interprets records."""
-    _apply(state, r)
     if "index" in r:
         indices = [r["index"]]
     else:
         indices = r.get("indices") or [int(i) for i in r.get("job_ids") or ()]
+    before = {i: job.state for i in indices if (job := state.jobs.get(i)) is not None}
+    _apply(state, r)
     for index in indices:
         job = state.jobs.get(index)
-        if job is not None:
-            state.touched.add(index)
-            (state.active.discard if job.final else state.active.add)(index)
+        if job is None:
+            continue
+        state.touched.add(index)
+        (state.active.discard if job.final else state.active.add)(index)
+        old = before.get(index)
+        if old != job.state:
+            if old is not None:
+                state.by_state[old].discard(index)
+            state.by_state.setdefault(job.state, set()).add(index)
 
 
 def _apply(state: SweepState, r: dict) -> None:

@@ -177,7 +177,7 @@ class Monitor:
             self._shared = shared_overrides(state.jobs.values())
             self._known = len(state.jobs)
             touched = set(state.jobs)
-        running = {i for i in state.active if state.jobs[i].state == "RUNNING"}
+        running = state.by_state.get("RUNNING", set())
         now, changed = time.time(), []
         for index in sorted(touched | running):
             row = job_row(state.jobs[index], self._shared, controller.sweep_dir,
@@ -215,8 +215,8 @@ class Monitor:
         if time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
             running = [
                 r
-                for r in map(self._rows.get, sorted(controller.state.active))
-                if r.state == "RUNNING" and r.step is not None and r.loss is not None
+                for r in map(self._rows.get, sorted(controller.state.by_state.get("RUNNING", ())))
+                if r.step is not None and r.loss is not None
             ]
             progress_part = "; ".join(f"#{r.index} {r.step}/{r.total or '?'} loss {r.loss:.4g}"
                                       for r in running[:FULL_TABLE_ROWS])  # fmt: skip

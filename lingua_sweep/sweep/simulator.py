@@ -58,6 +58,7 @@ class SimSpec:
     submit_latency_s: float = 0.0  # wall time of one sbatch (real s)
     max_array_size: int = 1001
     max_jobs: int | None = None  # the user's running-jobs limit (a QOS's MaxJobsPerUser)
+    max_submit: int | None = None  # the user's pending + running limit (MaxSubmitJobsPerUser)
     backfill_depth: int = 500
     speed: float = 1.0  # simulated seconds per real second
     seed: int = 0
@@ -225,6 +226,9 @@ class SimCluster:
             if len(tasks) > self.spec.max_array_size:
                 return {"refused": f"Invalid job array specification (MaxArraySize="
                         f"{self.spec.max_array_size})", "kind": "too_big"}  # fmt: skip
+            mine = self.pending_mine + self.running_mine
+            if mine + len(tasks) > (self.spec.max_submit or math.inf):
+                return {"refused": "QOSMaxSubmitJobPerUserLimit", "kind": "transient"}
             with self.lock:
                 self.advance()
                 base = str(next(self.next_id))
@@ -342,9 +346,14 @@ class SimCluster:
 
     def limits(self) -> tuple[Limits, dict[str, int]]:
         with self._counted("limits"):
-            why = {"max_jobs": f"QOS sim MaxJobsPerUser={self.spec.max_jobs}"}
-            return Limits(max_jobs=self.spec.max_jobs, max_array=self.spec.max_array_size,
-                          why=why if self.spec.max_jobs else {}), {}  # fmt: skip
+            s = self.spec
+            why = {
+                "max_jobs": f"QOS sim MaxJobsPerUser={s.max_jobs}",
+                "max_submit": f"QOS sim MaxSubmitJobsPerUser={s.max_submit}",
+            }
+            why = {k: v for k, v in why.items() if getattr(s, k) is not None}
+            return Limits(max_jobs=s.max_jobs, max_submit=s.max_submit,
+                          max_array=s.max_array_size, why=why), {}  # fmt: skip
 
 
 class _CpuClock:
