@@ -90,6 +90,7 @@ class Controller:
         self.on_result: Callable[[JobEntry], None] | None = None
         self.want_metrics = False
         self.cycle_s: list[float] = []  # each cycle's wall time (bench/scale.py reads them)
+        self.cpu_start = time.process_time()  # the process's CPU (all threads) when it began
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
         self.watcher = Watcher(self)
         self.dispatcher = Dispatcher(self)

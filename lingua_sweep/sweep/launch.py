@@ -157,14 +157,16 @@ def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) ->
 
 
 def write_profile(controller: Controller) -> None:
-    """With LINGUA_SWEEP_PROFILE=<file>: the loop's cycle times and what simulated clusters saw,
-    as JSON, for bench/scale.py."""
+    """With LINGUA_SWEEP_PROFILE=<file>: the loop's cycle times, the CPU the sweep took (from
+    the controller's start: Python's and Hydra's own start-up left out) and what simulated
+    clusters saw, as JSON, for bench/scale.py."""
     path = os.environ.get("LINGUA_SWEEP_PROFILE")
     if not path:
         return
     from lingua_sweep.sweep import simulator
 
-    Path(path).write_text(json.dumps({"cycle_s": controller.cycle_s,
+    cpu_s = time.process_time() - controller.cpu_start  # composing, the loop, its threads
+    Path(path).write_text(json.dumps({"cycle_s": controller.cycle_s, "launch_cpu_s": cpu_s,
                                       "simulated": simulator.report()}))  # fmt: skip
 
 

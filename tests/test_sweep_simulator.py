@@ -1,0 +1,127 @@
+"""The simulated Slurm cluster: its scheduler, its answers in the agent's words, and the
+controller's cost per job on it not growing with the sweep."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from lingua_sweep.sweep.journal import Journal
+from lingua_sweep.sweep.simulator import SimCluster, SimSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tasks(tmp_path, n: int) -> list:
+    template = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    config = [SimpleNamespace(template=template, num=i, task=[f"x={i}"]) for i in range(n)]
+    return [SimpleNamespace(config=c) for c in config]
+
+
+def one_gpu(**kw) -> dict:
+    return {"nodes": 1, "gpus_per_node": 1, "ntasks_per_node": 1, **kw}
+
+
+def wait_until(sim: SimCluster, ids: list[str], states: set[str], timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = sim.poll({"jobs": [{"id": i} for i in ids], "files": {}, "prefix": "b"})
+        if all(reply["states"][i]["state"] in states for i in ids):
+            return reply
+        assert time.monotonic() < deadline, reply["states"]
+        time.sleep(0.05)
+
+
+def test_jobs_start_first_fit_in_order_and_pending_ones_say_why(tmp_path):
+    sim = SimCluster("sim", SimSpec(nodes=1, gpus_per_node=2, duration_s=0.3, duration_sigma=0))
+    ids = sim.submit(tasks(tmp_path, 3), folder="f", params=one_gpu(), batch="b1")["ids"]
+    assert ids == ["1000_0", "1000_1", "1000_2"]
+    reply = sim.poll({"jobs": [{"id": i} for i in ids], "files": {}, "prefix": "b1"})
+    assert [reply["states"][i]["state"] for i in ids] == ["RUNNING", "RUNNING", "PENDING"]
+    assert reply["states"]["1000_2"]["reason"] == "Resources"
+    assert set(reply["named"]) == set(ids)
+    assert sim.probe().nodes[0].free_gpus == 0
+    done = wait_until(sim, ids, {"COMPLETED"})
+    assert done["outcomes"]["1000_2"]["status"] == "COMPLETED"
+    assert isinstance(done["outcomes"]["1000_2"]["value"], float)
+    # What the job itself writes in its dir on a real cluster.
+    status = json.loads((tmp_path / "2" / "status.json").read_text())
+    assert status["status"] == "COMPLETED" and status["job_id"] == "1000_2"
+    assert (tmp_path / "2" / ".hydra" / "overrides.yaml").read_text() == "- x=2\n"
+    assert (tmp_path / "2" / "metrics.jsonl").read_text().count("\n") == 5
+
+
+def test_preemption_failure_and_lag_answer_as_slurm_would(tmp_path):
+    spec = SimSpec(nodes=4, gpus_per_node=1, duration_s=0.2, duration_sigma=0, preempt_rate=1.0,
+                   visibility_lag_s=0.3)  # fmt: skip
+    sim = SimCluster("sim", spec)
+    [job] = sim.submit(tasks(tmp_path, 1), folder="f", params=one_gpu(), batch="b")["ids"]
+    early = sim.poll({"jobs": [{"id": job}], "files": {}, "prefix": "b"})
+    assert early["states"][job] == {"state": "UNKNOWN"} and early["named"] == {}
+    reply = wait_until(sim, [job], {"PREEMPTED"})
+    assert reply["outcomes"][job] == {"status": "RESUBMIT", "error": "preempted"}
+    failing = SimCluster("sim", SimSpec(nodes=1, gpus_per_node=1, duration_s=0.1, fail_rate=1))
+    [bad] = failing.submit(tasks(tmp_path, 1), folder="f", params=one_gpu(), batch="b")["ids"]
+    assert wait_until(failing, [bad], {"FAILED"})["outcomes"][bad]["status"] == "FAILED"
+
+
+def test_limits_refuse_as_sbatch_does_and_are_told_to_the_launcher(tmp_path):
+    sim = SimCluster("sim", SimSpec(nodes=1, gpus_per_node=1, max_submit=2, max_array_size=3))
+    assert sim.submit(tasks(tmp_path, 4), folder="f", params=one_gpu(), batch="b")["kind"] == (
+        "too_big"
+    )
+    assert "ids" in sim.submit(tasks(tmp_path, 2), folder="f", params=one_gpu(), batch="b")
+    refused = sim.submit(tasks(tmp_path, 1), folder="f", params=one_gpu(), batch="b")
+    assert refused == {"refused": "QOSMaxSubmitJobPerUserLimit", "kind": "transient"}
+    limits, usage = sim.limits()
+    assert (limits.max_submit, limits.max_array, usage) == (2, 3, {})
+    sim.cancel(["1000_0", "1000_1"])
+    assert sim.active == set()
+
+
+def write_clusters(conf: Path, root: Path) -> None:
+    (conf / "cluster").mkdir(parents=True)
+    for name, nodes, priority in (("sim-a", 16, 1), ("sim-b", 8, 2)):
+        spec = {"nodes": nodes, "gpus_per_node": 8, "duration_s": 300.0, "speed": 600.0,
+                "preempt_rate": 0.01, "fail_rate": 0.01, "visibility_lag_s": 0.5,
+                "background_load": 0.2, "seed": priority}  # fmt: skip
+        cluster = {"name": name, "gpus_per_node": 8, "priority": priority, "simulated": spec,
+                   "data_root": str(root), "output_root": str(root)}  # fmt: skip
+        (conf / "cluster" / f"{name}.yaml").write_text(yaml.safe_dump(cluster))
+
+
+def sweep_cost(tmp_path: Path, jobs: int) -> float:
+    """The launcher's CPU seconds per job for a `jobs`-job grid on two simulated clusters,
+    from the controller's start (Python's start-up left out), the simulator's own taken out."""
+    conf, sweep, profile = tmp_path / "conf", tmp_path / f"sweep{jobs}", tmp_path / f"p{jobs}"
+    if not conf.exists():
+        write_clusters(conf, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    cmd = [
+        sys.executable, str(REPO / "tests" / "apps" / "rank_app.py"), "-m",
+        f"value=range(0,{jobs})", "hydra/sweeper=grid", "hydra/launcher=multicluster",
+        "hydra.launcher.clusters=[sim-a,sim-b]", "hydra.launcher.gpus_per_node=1",
+        "hydra.launcher.poll_interval_s=0.5", "hydra.launcher.live=false",
+        f"hydra.searchpath=[file://{conf}]", f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**env, "LINGUA_SWEEP_PROFILE": str(profile)})  # fmt: skip
+    assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: some jobs failed, as drawn
+    state = Journal(sweep).replay()
+    assert len(state.jobs) == jobs and all(j.final for j in state.jobs.values())
+    assert sum(j.resubmits for j in state.jobs.values()) > 0  # preempted ones ran again
+    report = json.loads(profile.read_text())
+    sim_cpu = sum(s["cpu_s"] for s in report["simulated"].values())
+    return (report["launch_cpu_s"] - sim_cpu) / jobs
+
+
+def test_cost_per_job_does_not_grow_with_the_sweep(tmp_path):
+    small, large = sweep_cost(tmp_path, 500), sweep_cost(tmp_path, 5000)
+    assert large <= 1.5 * small, f"{large * 1000:.2f} ms/job at 5000, {small * 1000:.2f} at 500"
