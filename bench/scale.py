@@ -68,15 +68,16 @@ def timed(argv: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
     return time.monotonic() - start, proc
 
 
-def run_one(jobs: int, poll: float, tmp: Path, clusters: list[str], conf: Path) -> dict:
+def run_one(jobs: int, poll: float, tmp: Path, clusters: list[str], conf: Path,
+            job_args: list[str], check: bool) -> dict:  # fmt: skip
     sweep = tmp / f"sweep-{jobs}"
     profile = tmp / f"profile-{jobs}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
     env["LINGUA_SWEEP_PROFILE"] = str(profile)
     cmd = [
-        sys.executable, str(APP), "-m", f"value=range(0,{jobs})", "hydra/sweeper=grid",
+        sys.executable, str(APP), "-m", f"value=range(0,{jobs})", *job_args, "hydra/sweeper=grid",
         "hydra/launcher=multicluster", f"hydra.launcher.clusters=[{','.join(clusters)}]",
-        "hydra.launcher.gpus_per_node=1", f"hydra.launcher.poll_interval_s={poll}",
+        f"hydra.launcher.poll_interval_s={poll}",
         "hydra.launcher.probe_every_s=5", "hydra.launcher.live=false",
         f"hydra.searchpath=[file://{conf}]", f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
@@ -95,11 +96,17 @@ def run_one(jobs: int, poll: float, tmp: Path, clusters: list[str], conf: Path) 
         "c = verbs.controller_from_journal(sys.argv[1]); print(time.perf_counter() - t)"
     )
     _, rep = timed([sys.executable, "-c", replay, str(sweep)], env=env)
-    state = json.loads(timed([str(LINGUA_SWEEP), "status", str(sweep), "--json"],
-                             env=env)[1].stdout)["jobs"]  # fmt: skip
+    records = [json.loads(line) for line in (sweep / "journal.jsonl").read_text().splitlines()]
+    kinds: dict[str, int] = {}
+    for r in records:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
     counts: dict[str, int] = {}
-    for row in state:
-        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    for r in records:
+        if r["kind"] == "result":
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+    checked = None
+    if check:  # every job once in sacct, the journal true to Slurm (`lingua-sweep check`)
+        checked = timed([str(LINGUA_SWEEP), "check", str(sweep)], env=env)[1].stdout.strip()
     return {
         "jobs": jobs, "wall_s": wall, "exit": proc.returncode, "cpu_s": cpu, "sim_cpu_s": sim_cpu,
         "launcher_ms_per_job": 1000 * (cpu - sim_cpu) / jobs,
@@ -112,22 +119,30 @@ def run_one(jobs: int, poll: float, tmp: Path, clusters: list[str], conf: Path) 
         "reaction_p50_s": percentile(reactions, 0.5), "reaction_p99_s": percentile(reactions, 0.99),
         "status_s": status_s, "results_s": results_s, "replay_s": float(rep.stdout.strip() or 0),
         "results_rows": max(0, len(res.stdout.strip().splitlines()) - 1),
-        "states": counts, "simulated": {n: {k: v for k, v in s.items() if k != "reaction_s"}
+        "states": counts, "check": checked,
+        "per_job": {"polls": sum(report.get("polls", {}).values()) / jobs,
+                    "submissions": kinds.get("intent", 0) / jobs,
+                    "state_changes": kinds.get("state", 0) / jobs,
+                    "resubmits": kinds.get("resubmit", 0) / jobs},
+        "simulated": {n: {k: v for k, v in s.items() if k != "reaction_s"}
                                         for n, s in report.get("simulated", {}).items()},
     }  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
     head = ("| jobs | wall s | launcher CPU ms/job | peak RSS MB | cycle p50 / p99 s | "
-            "reaction p50 / p99 s | status s | results s | replay s | states |")  # fmt: skip
-    lines = [head, "|" + "---|" * 10]
+            "reaction p50 / p99 s | status s | results s | replay s | polls / submissions / "
+            "state changes per job | states |")  # fmt: skip
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(r["states"].items()))
+        per = r["per_job"]
         lines.append(
             f"| {r['jobs']} | {r['wall_s']:.0f} | {r['launcher_ms_per_job']:.2f} | "
             f"{r['peak_rss_mb']:.0f} | {r['cycle_p50_s']:.3f} / {r['cycle_p99_s']:.3f} | "
             f"{r['reaction_p50_s']:.2f} / {r['reaction_p99_s']:.2f} | {r['status_s']:.2f} | "
-            f"{r['results_s']:.2f} | {r['replay_s']:.2f} | {states} |"
+            f"{r['results_s']:.2f} | {r['replay_s']:.2f} | {per['polls']:.3f} / "
+            f"{per['submissions']:.3f} / {per['state_changes']:.2f} | {states} |"
         )
     return "\n".join(lines)
 
@@ -136,15 +151,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", default="10000", help="comma-separated sweep sizes")
     parser.add_argument("--poll", type=float, default=1.0, help="hydra.launcher.poll_interval_s")
-    parser.add_argument("--where", choices=("simulator", "testbed"), default="simulator")
+    parser.add_argument(
+        "--where",
+        choices=("simulator", "testbed", "testbed-sim"),
+        default="simulator",
+        help="testbed-sim: a simulator shaped like the testbed (calibration)",
+    )
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = parser.parse_args()
-    if args.where == "testbed":
-        from scale_testbed import testbed_clusters  # bench/scale_testbed.py
+    context, job_args = None, ["hydra.launcher.gpus_per_node=1"]
+    if args.where != "simulator":
+        import scale_testbed  # bench/scale_testbed.py
 
-        context = testbed_clusters()
-    else:
-        context = None
+        job_args = scale_testbed.JOB_ARGS
+        context = (scale_testbed.Testbed() if args.where == "testbed"
+                   else scale_testbed.TestbedShapedSimulator())  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory(prefix="lingua_bench_scale_") as tmp:
         tmp = Path(tmp)
@@ -156,7 +177,8 @@ def main() -> int:
             clusters = context.enter(conf, tmp)
         try:
             for jobs in [int(n) for n in args.jobs.split(",")]:
-                row = run_one(jobs, args.poll, tmp, clusters, conf)
+                row = run_one(jobs, args.poll, tmp, clusters, conf, job_args,
+                              check=args.where == "testbed")  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
         finally:

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import yaml
 from omegaconf import OmegaConf
 

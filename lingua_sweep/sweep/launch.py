@@ -167,6 +167,7 @@ def write_profile(controller: Controller) -> None:
 
     cpu_s = time.process_time() - controller.cpu_start  # composing, the loop, its threads
     Path(path).write_text(json.dumps({"cycle_s": controller.cycle_s, "launch_cpu_s": cpu_s,
+                                      "polls": controller.watcher.polls,
                                       "simulated": simulator.report()}))  # fmt: skip
 
 

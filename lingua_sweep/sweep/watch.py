@@ -33,6 +33,7 @@ class Watcher:
         self._last_poll: dict[str, float] = {}  # cluster -> when it was last polled
         self.pending_seen: dict[int, float] = {}  # job index -> when a poll last saw it PENDING
         self._missing_since: dict[int, float] = {}  # job index -> first poll without results
+        self.polls: dict[str, int] = {}  # cluster -> polls sent (bench/scale.py compares them)
 
     def poll_request(self, name: str, *, files: str | None) -> tuple[list[JobEntry], dict]:
         """The poll of one cluster's open jobs; `files`: whose metrics to bring, "running" (the
@@ -69,6 +70,7 @@ class Watcher:
             if not mine and not strays and not (used and not quiet):
                 continue  # nothing to watch; now and then a look for strays all the same
             self._last_poll[name] = time.monotonic()
+            self.polls[name] = self.polls.get(name, 0) + 1
             stops = [j.job_id for j in mine if j.stopping] + strays
             link.start(lambda link=link, request=request, stops=stops:
                        self._poll_work(link, request, stops),
