@@ -103,10 +103,6 @@ class SimCluster:
         self.calls: dict[str, int] = {}  # what the controller asked, by kind (calibration)
         self.cpu_s = 0.0
         self.max_running = 0
-        # The launcher's reaction time: from a slot ours freed, with none of ours pending to
-        # take it, to the next submission of ours (simulated seconds).
-        self.freed: list[float] = []
-        self.reaction_s: list[float] = []
 
     def now(self) -> float:
         return (time.monotonic() - self.t0) * self.spec.speed
@@ -128,8 +124,6 @@ class SimCluster:
         job.state, job.end = state or job.end_as, t
         self.active.discard(job.id)
         self.running_mine -= job.user == "me"
-        if job.user == "me" and not self.pending_mine:
-            self.freed.append(t)
         for n in job.on:
             self.free_gpus[n] += job.gpus
             self.free_cpus[n] += job.cpus
@@ -175,8 +169,6 @@ class SimCluster:
             job.state, job.start, job.reason = "RUNNING", now, "None"
             self.running_mine += job.user == "me"
             self.pending_mine -= job.user == "me"
-            if job.user != "me" and self.freed:
-                self.freed.pop(0)  # another user's job took a slot ours had freed
             heapq.heappush(self.ends, (now + min(job.duration, job.time_limit), job.id))
             started.append(job_id)
         if started:
@@ -248,8 +240,6 @@ class SimCluster:
                     if job.duration > limit:
                         job.end_as = "TIMEOUT"
                     self._enqueue(job)
-                    if self.freed:
-                        self.reaction_s.append(self.now() - self.freed.pop(0))
                 self.advance()
         if self.spec.submit_latency_s:
             time.sleep(self.spec.submit_latency_s)
@@ -386,12 +376,11 @@ def cluster_for(config: ClusterConfig) -> SimCluster:
 
 def report() -> dict[str, Any]:
     """What every simulated cluster of this process did: calls by kind, the simulator's own
-    CPU, the most jobs of ours running at once, the launcher's reaction times."""
+    CPU, the most jobs of ours running at once."""
     with _REGISTRY_LOCK:
         sims = list(_CLUSTERS.values())
     return {
         s.name: {"calls": s.calls, "cpu_s": round(s.cpu_s, 3), "max_running": s.max_running,
-                 "reaction_s": [round(r / s.spec.speed, 3) for r in s.reaction_s],
                  "jobs": sum(1 for j in s.jobs.values() if j.user == "me")}
         for s in sims
     }  # fmt: skip
