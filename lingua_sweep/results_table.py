@@ -85,6 +85,12 @@ def fmt_param(value: str) -> str:
     return f"{number:.3g}"
 
 
+def fmt_override(override: str) -> str:
+    """`key=value` with its value as fmt_param writes it."""
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{fmt_param(value)}" if sep else override
+
+
 STATUS_STYLES = {
     "COMPLETED": "green",
     "FAILED": "red",

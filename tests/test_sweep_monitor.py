@@ -41,7 +41,7 @@ def test_rows_show_progress_and_only_what_varies(tmp_path):
     assert [(r.index, r.state, r.job_id, r.step, r.total, r.loss) for r in rows] == [
         (0, "RUNNING", "41_0", 40, 100, 3.21), (1, "FAILED", "41_1", None, None, None),
     ]  # fmt: skip
-    assert rows[0].params == "optim.lr=0.00010979877869591871"  # experiment=debug is shared
+    assert rows[0].params == "optim.lr=0.00011"  # 3 significant digits; experiment=debug is shared
     assert rows[1].note == "UserError: loss is nan at step 3"
     assert monitor.totals_line(rows) == "1/2 done (1 failed, 1 running)"
 
@@ -63,7 +63,7 @@ def test_plain_mode_prints_state_changes_and_a_totals_line(tmp_path):
     view = monitor.Monitor(live=False, stream=out)
     view.update(controller_for(tmp_path, journal))
     first = out.getvalue().splitlines()
-    assert first[0] == "#0 RUNNING on alpha (job 41_0) optim.lr=0.00010979877869591871"
+    assert first[0] == "#0 RUNNING on alpha (job 41_0) optim.lr=0.00011"
     assert first[1].startswith("#1 FAILED on alpha (job 41_1) optim.lr=0.003: UserError: loss")
     assert first[2] == "[sweep] 1/2 done (1 failed, 1 running); #0 40/100 loss 3.21"
     view.update(controller_for(tmp_path, journal))  # nothing changed, totals not due: silent

@@ -29,6 +29,7 @@ from optuna.trial import Trial, TrialState
 
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lingua_sweep.errors import UserError
+from lingua_sweep.results_table import fmt_override
 from lingua_sweep.sweep import faultpoint
 from lingua_sweep.sweep.compose import experiment_name
 from lingua_sweep.sweep.journal import decode_value
@@ -255,7 +256,8 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
             return
         self.next_index = index + 1
         self.flights[trial.number] = Flight(index, trial)
-        log.info("trial %d -> job #%d: %s", trial.number, index, " ".join(overrides))
+        log.info("trial %d -> job #%d: %s", trial.number, index,
+                 " ".join(map(fmt_override, overrides)))  # fmt: skip
 
     # --- watching -------------------------------------------------------------------------
 
@@ -372,7 +374,9 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         if counts["COMPLETE"] and len(self.study.directions) == 1:
             best = self.study.best_trial
             out |= {"best_params": best.params, "best_value": best.value, "best_trial": best.number}
-            log.info("best value %s at %s (trial %d)", best.value, best.params, best.number)
+            log.info("best value %.4g at %s (trial %d)", best.value,
+                     " ".join(fmt_override(f"{k}={v}") for k, v in best.params.items()),
+                     best.number)  # fmt: skip
         elif counts["COMPLETE"]:
             out["solutions"] = [{"params": t.params, "values": t.values}
                                 for t in self.study.best_trials]  # fmt: skip

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from lingua_sweep.results_table import fmt_override
 from lingua_sweep.sweep import layout
 from lingua_sweep.sweep.journal import FINAL
 from lingua_sweep.sweep.states import pending_words
@@ -97,7 +98,7 @@ def job_row(job, shared, sweep_dir, live, totals, ended, now) -> Row:
     end = job.ended_at or now
     return Row(
         index=job.index,
-        params=" ".join(o for o in job.overrides if o not in shared),
+        params=" ".join(fmt_override(o) for o in job.overrides if o not in shared),
         cluster=job.cluster or "-",
         job_id=job.job_id or "-",
         state=job.state,

@@ -201,8 +201,12 @@ class Watcher:
             status = "FAILED"
             error = (f"{error}, after {job.resubmits} resubmissions (raise "
                      "hydra.launcher.max_resubmits)")  # fmt: skip
-        if outcome.get("job_return") is not None:
-            c.returns[job.index] = outcome["job_return"]
+        ret = outcome.get("job_return")
+        if ret is not None:
+            # Its configs are the job's whole composition (~100 KB each): kept for 10,000 jobs
+            # that is a gigabyte. Hydra's sweepers read the value, status and dir only.
+            ret.cfg = ret.hydra_cfg = None
+            c.returns[job.index] = ret
         value, pickled = journal_lib.encode_value(outcome.get("value"))
         faultpoint.hit("poll.final")
         job_lib.write_status(local_dir, status=status, error=error, cluster=job.cluster,
