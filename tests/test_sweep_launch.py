@@ -114,7 +114,30 @@ def test_a_bad_override_is_one_line_and_submits_nothing(tmp_path, testbed, bad, 
     # No Slurm job appeared (sacct's -S window may drop an old cancelled one between calls).
     after = {c: sacct_jobs(testbed, c) for c in ("alpha", "beta")}
     assert {c: set(after[c]) - set(before[c]) for c in after} == {"alpha": set(), "beta": set()}
-    assert not any(r["kind"] == "intent" for r in journal_records(tmp_path / "sweep"))
+    assert not (tmp_path / "sweep").exists()  # no journal, study or dir left behind
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data.root=/no/such/data"], "data root /no/such/data does not exist (data.root="),
+        (["hydra/sweeper=async_optuna", "optim.lr=tag(log,interval(1e-4,1e-2))", "optim.lrr=1"],
+         "Key 'lrr' not in 'OptimConfig'"),
+        (["hydra.launcher.clusters=[nowhere]"], "unknown cluster(s) ['nowhere']"),
+    ],
+)  # fmt: skip
+def test_a_refused_sweep_says_one_line_once_and_leaves_nothing(tmp_path, args, message):
+    cmd = [
+        sys.executable, str(REPO / "train.py"), "-m", *TINY, "hydra/launcher=multicluster",
+        "hydra.launcher.clusters=[local]", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "from cluster" not in lines[0]  # the user set that root, not the cluster
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_sweep_without_slurm_runs_on_the_local_cluster_in_slots(tmp_path):

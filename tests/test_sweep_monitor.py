@@ -65,6 +65,10 @@ def test_plain_mode_prints_state_changes_and_a_totals_line(tmp_path):
     first = out.getvalue().splitlines()
     assert first[0] == "#0 RUNNING on alpha (job 41_0) optim.lr=0.00011"
     assert first[1].startswith("#1 FAILED on alpha (job 41_1) optim.lr=0.003: UserError: loss")
+    assert len(first) == 2  # no QUEUED lines before, and totals only every PLAIN_EVERY_S
+    view._last_plain -= monitor.PLAIN_EVERY_S
+    view.update(controller_for(tmp_path, journal))
+    first = out.getvalue().splitlines()
     assert first[2] == "[sweep] 1/2 done (1 failed, 1 running); #0 40/100 loss 3.21"
     view.update(controller_for(tmp_path, journal))  # nothing changed, totals not due: silent
     assert out.getvalue().splitlines() == first

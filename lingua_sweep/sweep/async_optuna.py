@@ -115,6 +115,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
         name = self.study_name or experiment_name(self.config)
         controller.open(header={"name": experiment_name(self.config),
                                 "study": {"name": name, "directions": directions}})  # fmt: skip
+        refused = False
         try:
             OmegaConf.save(self.config, controller.sweep_dir / "multirun.yaml")
             quiet_storage_logs()
@@ -131,9 +132,15 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
             self._loop(p.poll_interval_s)
         except KeyboardInterrupt:
             cancel_on_ctrl_c(controller, monitor, settle=self._settle)
+        except UserError:
+            refused = True
+            raise
         finally:
             monitor.stop()
             controller.close()
+            if refused:
+                self.study = None  # its storage (optuna.db) goes with the refused sweep
+                controller.discard()
         monitor.summary(controller)
         problem = self._write_results()
         if problem:

@@ -12,6 +12,7 @@ laptop closing) and a new controller picks the sweep up from the journal alone:
   cluster never stalls another's polling and dispatch; the journal is written here only.
 """
 
+import contextlib
 import logging
 import os
 import socket
@@ -37,6 +38,8 @@ from lingua_sweep.sweep.watch import Watcher
 
 log = logging.getLogger(__name__)
 BACKOFF_MAX_S = 60.0
+# Written at a sweep's start besides the journal: Hydra's record of the command, the study.
+REFUSED_SWEEP_FILES = ("multirun.yaml", "optuna.db")
 CONFIRM_CANCEL_S = 30.0  # how long a cancel waits for Slurm to confirm before saying so
 
 
@@ -91,6 +94,7 @@ class Controller:
         self.want_metrics = False
         self.cycle_s: list[float] = []  # each cycle's wall time (bench/scale.py reads them)
         self.cpu_start = time.process_time()  # the process's CPU (all threads) when it began
+        self.created = False  # whether this process wrote the sweep's header (a new sweep)
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
         self.watcher = Watcher(self)
         self.dispatcher = Dispatcher(self)
@@ -118,9 +122,22 @@ class Controller:
             return
         record = self.journal.append("sweep", **(header or {}), **sweep_header(self))
         self.state.header = record
+        self.created = True
 
     def close(self) -> None:
         self.journal.unlock()
+
+    def discard(self) -> bool:
+        """A sweep this launcher started and a mistake stopped before any job left the queue
+        (a bad override, missing data): its files go, so that a refused sweep leaves nothing
+        behind (no journal that `status` would show as queued forever). After `close`."""
+        if not self.created or any(j.state != QUEUED for j in self.state.jobs.values()):
+            return False
+        for name in (journal_lib.JOURNAL_FILE, journal_lib.LOCK_FILE, *REFUSED_SWEEP_FILES):
+            (self.sweep_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.sweep_dir.rmdir()  # only if nothing else is there
+        return True
 
     @property
     def sweep_id(self) -> str:

@@ -125,21 +125,31 @@ def launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> 
 
 def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     monitor = Monitor(live=p.live)
-    controller = build_controller(launcher, p, monitor=monitor)
+    try:
+        controller = build_controller(launcher, p, monitor=monitor)
+    except UserError:
+        discard_hydra_record(Path(str(launcher.config.hydra.sweep.dir)))
+        raise
     overrides = [list(o) for o in job_overrides]
     if p.dry_run:
         preview(controller, overrides, initial_job_idx)
         raise SystemExit(0)
     controller.open(header={"name": experiment_name(launcher.config)})
+    refused = False
     try:
         indices = controller.register(overrides, initial_job_idx)
         controller.run(indices)
     except KeyboardInterrupt:
         cancel_on_ctrl_c(controller, monitor)
+    except UserError:
+        refused = True
+        raise
     finally:
         monitor.stop()
         controller.close()
         write_profile(controller)
+        if refused:
+            controller.discard()
     if p.detach:
         print(f"submitted; sweep dir: {controller.sweep_dir}\n"
               f"  lingua-sweep status {controller.sweep_dir}\n"
@@ -154,6 +164,16 @@ def _launch(launcher, p: LauncherParams, job_overrides, initial_job_idx: int) ->
             f"`lingua-sweep results {controller.sweep_dir}` has the details"
         )
     return returns
+
+
+def discard_hydra_record(sweep_dir: Path) -> None:
+    """A sweep refused before it had a journal: the multirun.yaml Hydra wrote goes, and the
+    dir with it when nothing else is there."""
+    if (sweep_dir / "journal.jsonl").exists():
+        return
+    (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        sweep_dir.rmdir()
 
 
 def write_profile(controller: Controller) -> None:

@@ -167,7 +167,7 @@ class Monitor:
         self._ended: dict[int, tuple] = {}  # ended jobs' (step, loss), read once
         self._shared: set[str] = set()
         self._known = 0  # jobs when `_shared` was computed
-        self._last_plain = 0.0
+        self._last_plain = time.monotonic()  # the first totals line after PLAIN_EVERY_S
         self._recent: list[int] = []  # the latest jobs to change state (a large sweep's view)
 
     def _refresh(self, controller) -> list[Row]:
@@ -208,6 +208,8 @@ class Monitor:
             self._live.update(table, refresh=True)
             return
         for r in changed:
+            if r.state == "QUEUED" and r.index not in self._seen:
+                continue  # every job starts queued: its first line is where it went
             if self._seen.get(r.index) != r.state:
                 where = f" on {r.cluster} (job {r.job_id})" if r.job_id != "-" else ""
                 tail = f": {r.note}" if r.note and r.state in FINAL else ""

@@ -115,8 +115,10 @@ class Submitter:
         if prepared and all(k in self.data_checked for k in keys):
             problem = next((self.data_checked[k] for k in keys if self.data_checked[k]), None)
             if problem:
-                log.error("cluster %s cannot run this sweep: %s", link.config.name, problem)
                 link.unusable = problem
+                if any(not other.unusable for other in self.c.links.values()):
+                    # The sweep goes on elsewhere; otherwise its error says this, once.
+                    log.error("cluster %s cannot run this sweep: %s", link.config.name, problem)
             return problem is None
         link.start(lambda: self._prepare(link, configs, keys),
                    lambda out: self._prepared(link, out))  # fmt: skip
@@ -175,20 +177,23 @@ class Submitter:
         if self._data_key(link, job_config) is None:
             return None
         config = job_config.data_view()
+        root = str(config.data.root)
+        # Name the cluster only where the root is its default, not one the user set.
+        from_cluster = root == str(cl.data_root)
         if link.backend.files_here:
             from lingua_sweep.data import check_data_files
 
             try:
-                check_data_files(config.data, cluster=cl.name)
+                check_data_files(config.data, cluster=cl.name if from_cluster else None)
             except UserError as e:
                 return str(e)
             return None
-        root = str(config.data.root)
         patterns = [f"{root}/{config.data.train_files}", f"{root}/{config.data.val_file}"]
         missing = link.backend.missing(patterns)
         if missing:
-            return (f"{missing[0]} does not exist on {cl.name}'s login node (data.root={root} "
-                    f"from cluster {cl.name}); copy the data there or set data.root")  # fmt: skip
+            origin = f"data.root={root}" + (f" from cluster {cl.name}" if from_cluster else "")
+            return (f"{missing[0]} does not exist on {cl.name}'s login node ({origin}); copy the "
+                    "data there or set data.root")  # fmt: skip
         return None
 
     # --- back in the main thread: what the journal learns ------------------------------------
