@@ -74,3 +74,26 @@ def test_plain_mode_prints_state_changes_and_a_totals_line(tmp_path):
     assert out.getvalue().splitlines() == first
     view.summary(controller_for(tmp_path, journal))
     assert f"lingua-sweep results {tmp_path}" in out.getvalue()
+
+
+def test_the_summary_is_the_results_table_with_the_best_and_how_to_run_it_again(tmp_path):
+    """The same facts as `lingua-sweep results` (final metrics, not a poll's cache), the best
+    marked, and its command line."""
+    journal = Journal(tmp_path)
+    journal.append("sweep", id="s1", name="debug", argv=["/venv/python", "train.py", "-m"])
+    for i, (lr, val) in enumerate([("0.001", 3.25), ("0.0031622776601683794", 2.75)]):
+        journal.append("job", index=i, overrides=["cluster=alpha", "experiment=debug",
+                       f"optim.lr={lr}"], config_hash=f"h{i}")  # fmt: skip
+        journal.append("result", index=i, status="COMPLETED", value=val)
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.jsonl").write_text(
+            json.dumps({"step": 10, "loss/train": val + 1, "loss/val": val}) + "\n"
+        )
+    out = io.StringIO()
+    view = monitor.Monitor(live=False, stream=out)
+    view.summary(controller_for(tmp_path, journal))
+    text = out.getvalue()
+    best_line = next(line for line in text.splitlines() if "★" in line)
+    assert "0.00316" in best_line and "2.75" in best_line  # 3 significant digits
+    assert "best: #1 val loss 2.75; to run it again alone:" in text
+    assert "  python train.py experiment=debug optim.lr=0.0031622776601683794\n" in text

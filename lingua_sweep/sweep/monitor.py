@@ -4,6 +4,7 @@ On a terminal the table refreshes in place (rich); otherwise (a log file, CI) on
 change and a totals line every `PLAIN_EVERY_S`. `lingua-sweep status` prints the same rows.
 """
 
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -244,16 +245,49 @@ class Monitor:
             self._live = None
 
     def summary(self, controller) -> None:
+        """The sweep's end: `lingua-sweep results`' table of the same jobs (final metrics, best
+        marked; of a large sweep its best and the jobs that did not complete), then the best
+        job's command line to run it again alone."""
+        from lingua_sweep import results, results_table
+
         self.stop()
         self._refresh(controller)
-        shown, left_out = shown_jobs(controller.state)
         console = Console(file=self.stream, width=max(self.console.width, 100))
-        console.print(render([self._rows[i] for i in shown],
-                             title=f"sweep summary  ·  {self.totals()}"))  # fmt: skip
-        if left_out:
-            console.print(left_out, soft_wrap=True)
+        rows = results.collect(controller.sweep_dir)
+        shown = rows
+        if len(rows) > SUMMARY_ROWS:
+            shown = [r for r in rows if r.best or r.status != "COMPLETED"][:SUMMARY_ROWS]
+            shown += [r for r in rows if r.status == "COMPLETED" and not r.best][:10]
+        title = f"sweep summary  ·  {self.totals()}"
+        study = results_table.optuna_summary(controller.sweep_dir)
+        results_table.print_table(shown, console=console,
+                                  title=title + (f"\n{study}" if study else ""))  # fmt: skip
+        if len(shown) < len(rows):
+            console.print(f"({len(rows) - len(shown)} more rows in `lingua-sweep results`)")
+        best = next((r for r in rows if r.best), None)
+        if best is not None:
+            console.print(f"best: #{best.job} {best_words(best)}; to run it again alone:",
+                          soft_wrap=True)  # fmt: skip
+            console.print(f"  {reuse_command(controller, best.job)}", soft_wrap=True)
         console.print(f"sweep dir: {controller.sweep_dir}", soft_wrap=True)
         console.print(f"results:   lingua-sweep results {controller.sweep_dir}", soft_wrap=True)
+
+
+def best_words(row) -> str:
+    if row.objective is not None:
+        return f"objective {row.objective:.4g}"
+    return f"val loss {row.final_val:.4g}" if row.final_val is not None else "(best so far)"
+
+
+def reuse_command(controller, index: int) -> str:
+    """`python <the sweep's script> <the job's overrides>`: that one job as a single run."""
+    argv = controller.state.header.get("argv") or ["python", "app.py"]
+    job = controller.state.jobs.get(index)
+    overrides = job.overrides if job is not None else []
+    # Not where it ran (a single run finds its cluster), nor Hydra's settings.
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "cluster"
+            and not o.startswith(("hydra.", "hydra/"))]  # fmt: skip
+    return shlex.join(["python", *argv[1:2], *keep])
 
 
 def _totals(controller) -> dict[int, int]:
