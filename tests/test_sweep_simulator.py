@@ -96,9 +96,7 @@ def write_clusters(conf: Path, root: Path) -> None:
         (conf / "cluster" / f"{name}.yaml").write_text(yaml.safe_dump(cluster))
 
 
-def sweep_cost(tmp_path: Path, jobs: int) -> float:
-    """The launcher's CPU seconds per job for a `jobs`-job grid on two simulated clusters,
-    from the controller's start (Python's start-up left out), the simulator's own taken out."""
+def run_grid(tmp_path: Path, jobs: int, *extra: str) -> tuple[Path, dict]:
     conf, sweep, profile = tmp_path / "conf", tmp_path / f"sweep{jobs}", tmp_path / f"p{jobs}"
     if not conf.exists():
         write_clusters(conf, tmp_path)
@@ -108,15 +106,41 @@ def sweep_cost(tmp_path: Path, jobs: int) -> float:
         f"value=range(0,{jobs})", "hydra/sweeper=grid", "hydra/launcher=multicluster",
         "hydra.launcher.clusters=[sim-a,sim-b]", "hydra.launcher.gpus_per_node=1",
         "hydra.launcher.poll_interval_s=0.5", "hydra.launcher.live=false",
-        f"hydra.searchpath=[file://{conf}]", f"hydra.sweep.dir={sweep}",
+        f"hydra.searchpath=[file://{conf}]", f"hydra.sweep.dir={sweep}", *extra,
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**env, "LINGUA_SWEEP_PROFILE": str(profile)})  # fmt: skip
     assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: some jobs failed, as drawn
+    return sweep, json.loads(profile.read_text())
+
+
+def test_preempted_jobs_go_back_together_in_one_array_per_cluster(tmp_path):
+    """A thousand preemptions must not cost a thousand cycles: jobs bound for a cluster are
+    submitted again as one array."""
+    conf = tmp_path / "conf"
+    write_clusters(conf, tmp_path)
+    for name in ("sim-a", "sim-b"):
+        path = conf / "cluster" / f"{name}.yaml"
+        cluster = yaml.safe_load(path.read_text())
+        cluster["simulated"].update(preempt_rate=1.0, fail_rate=0.0, background_load=0.0)
+        path.write_text(yaml.safe_dump(cluster))
+    sweep, _ = run_grid(tmp_path, 60, "hydra.launcher.max_resubmits=1")
+    records = [json.loads(line) for line in (sweep / "journal.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "resubmit" for r in records) == 60  # each preempted, sent again
+    results = [r for r in records if r["kind"] == "result"]
+    assert len(results) == 60 and all(r["status"] == "FAILED" for r in results)
+    assert "after 1 resubmissions" in results[0]["error"]
+    # 60 first submissions and 60 resubmissions, in arrays: a handful of sbatch calls.
+    assert sum(r["kind"] == "intent" for r in records) <= 12
+
+
+def sweep_cost(tmp_path: Path, jobs: int) -> float:
+    """The launcher's CPU seconds per job for a `jobs`-job grid on two simulated clusters,
+    from the controller's start (Python's start-up left out), the simulator's own taken out."""
+    sweep, report = run_grid(tmp_path, jobs)
     state = Journal(sweep).replay()
     assert len(state.jobs) == jobs and all(j.final for j in state.jobs.values())
     assert sum(j.resubmits for j in state.jobs.values()) > 0  # preempted ones ran again
-    report = json.loads(profile.read_text())
     sim_cpu = sum(s["cpu_s"] for s in report["simulated"].values())
     return (report["launch_cpu_s"] - sim_cpu) / jobs
 

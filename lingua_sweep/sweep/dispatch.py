@@ -231,10 +231,17 @@ class Dispatcher:
         unusable = [link.unusable for link in c.links.values() if link.unusable]
         if len(unusable) == len(c.links):
             raise UserError(unusable[0])
-        # A moved job goes where it was moved to, and nowhere else.
-        for job in [j for j in queued if j.target in c.links]:
-            if self.headroom(job.target).submit != 0:
-                c.submit(c.links[job.target], [job])
+        # A moved or resubmitted job goes where it was sent, and nowhere else: one array per
+        # cluster (a thousand preempted jobs are not a thousand cycles).
+        for target in dict.fromkeys(j.target for j in queued if j.target in c.links):
+            bound = [j for j in queued if j.target == target]
+            cap = self.headroom(target).submit
+            if cap == 0:
+                continue
+            if not c.registry[target].slurm:
+                bound = bound[:1]  # one process each
+            size = min(cap or len(bound), c.links[target].array_limit or len(bound))
+            c.submit(c.links[target], bound[:size])
         queued = [j for j in queued if j.target not in c.links]
         if not queued:
             return
