@@ -148,7 +148,7 @@ def add_results_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
-    from lingua_sweep.sweep import verbs
+    from lingua_sweep.sweep import finding, verbs
 
     p = sub.add_parser("status", help="a sweep's jobs: cluster, id, state, step, loss, elapsed")
     p.add_argument("sweep_dir", metavar="SWEEP_DIR")
@@ -172,6 +172,17 @@ def add_sweep_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only")
     p.set_defaults(func=cmd_dashboard)
+    p = sub.add_parser("ls", help="recent sweeps under multirun/ and outputs/ (or ROOTs)")
+    p.add_argument("roots", nargs="*", metavar="ROOT")
+    p.add_argument("--all", action="store_true", help="every sweep found, not the newest 20")
+    p.set_defaults(func=lambda a: finding.list_sweeps(a.roots, limit=10**9 if a.all else 20))
+    p = sub.add_parser("logs", help="a job's log (train.log, else its stderr), from its cluster")
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    p.add_argument("job", type=int, metavar="JOB", help="the job's number (its dir's name)")
+    p.add_argument("-f", "--follow", action="store_true", help="go on printing until it ends")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.set_defaults(func=lambda a: finding.job_logs(a.sweep_dir, a.job, follow=a.follow,
+                                                   lines=a.lines))  # fmt: skip
     p = sub.add_parser("login", help="open the shared ssh connection (password/2FA) once")
     p.add_argument("cluster", metavar="CLUSTER")
     p.add_argument("--config-dir", "--conf-dir", dest="conf_dir", action="append", default=[],
