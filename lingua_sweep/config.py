@@ -217,11 +217,27 @@ def unknown_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 
 def check_known_keys(cfg: Any) -> None:
-    from lingua_sweep.errors import UserError
+    from lingua_sweep.errors import UserError, did_you_mean
 
     unknown = unknown_keys(cfg)
     if unknown:
         raise UserError(
             f"unknown config key(s) {', '.join(unknown)}; `python train.py --cfg job` lists "
             "every key (a `+` does not make a new key valid)"
+            + did_you_mean(unknown[0], [k for k in config_keys(cfg) if k not in unknown])
         )
+
+
+def config_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (Hydra's own settings left out)."""
+    from omegaconf import DictConfig
+
+    out = []
+    for key in cfg:
+        if key == "hydra" and not prefix:
+            continue
+        out.append(f"{prefix}{key}")
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            out += config_keys(node, f"{prefix}{key}.")
+    return out

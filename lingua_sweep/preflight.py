@@ -7,7 +7,7 @@ the training loop, checkpointing or data loading.
 
 from lingua_sweep import distributed, model, optim
 from lingua_sweep.config import TrainConfig
-from lingua_sweep.errors import UserError
+from lingua_sweep.errors import UserError, did_you_mean
 from lingua_sweep.tokenizer import TOKENIZERS
 
 # Vocab sizes known without a tokenizer file, so a launcher can check them before submitting.
@@ -25,7 +25,8 @@ def preflight(cfg: TrainConfig) -> None:
         (TOKENIZERS, cfg.data.tokenizer.name, "data.tokenizer.name"),
     ]:
         if name not in registry:
-            raise UserError(f"{key}={name!r} is not registered; choose one of {registry.names()}")
+            raise UserError(f"{key}={name!r} is not registered; choose one of {registry.names()}"
+                            + did_you_mean(name, registry.names()))  # fmt: skip
     if cfg.distributed.fsdp_type not in distributed.FSDP_TYPES:
         raise UserError(
             f"distributed.fsdp_type={cfg.distributed.fsdp_type!r}: "

@@ -101,7 +101,8 @@ def _plot_curves(ax, rows: list[JobResult], sweep_dir: Path) -> None:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-        ax.legend(fontsize="small", title="solid loss/out, dashed loss/val, x pruned")
+        pruned = ", x pruned" if any(r.status == "PRUNED" for r in rows) else ""
+        ax.legend(fontsize="small", title=f"solid loss/out, dashed loss/val{pruned}")
     else:
         ax.text(0.5, 0.5, "no losses yet", ha="center", transform=ax.transAxes)
     ax.set(xlabel="step", ylabel="loss", title="training and validation loss")

@@ -110,11 +110,16 @@ def print_table(rows: list[JobResult], *, console=None, title: str | None = None
 
     console = console or Console()
     columns = _display_columns(rows, split_error=True)
+    dropped = []
     for drop in DROP_FIRST:
         if _table_width(rows, columns) <= console.width:
             break
+        dropped += [c[0] for c in columns if c[0] == drop]
         columns = [c for c in columns if c[0] != drop]
     console.print(_rich_table(rows, columns, title))
+    if dropped:
+        console.print(f"({console.width} columns: {', '.join(dropped)} left out; a wider "
+                      "terminal, --format csv or --output FILE shows them)")  # fmt: skip
 
 
 def _table_width(rows: list[JobResult], columns: list[Column]) -> int:

@@ -482,7 +482,9 @@ def test_terminal_table_fits_80_columns_without_cutting_status_or_losses(grid_sw
             assert re.search(rf"\b{r.status}\b", line), line
             assert _loss(r.final_val) in line, line  # (best val may be dropped: low value)
         wide = results_table.table_text(rows, width=250)
-        assert "tok/s" in wide and "tok/s" not in text  # a low-value column made room
+        table, _, note = text.partition("(80 columns: ")
+        assert "tok/s" in wide and "tok/s" not in table  # a low-value column made room
+        assert "tok/s" in note and "left out" in note  # and the table says so
         for r in rows:  # the error wraps, but all of it is there
             assert (r.error or "").replace(" ", "") in re.sub(r"\s+", "", text)
 

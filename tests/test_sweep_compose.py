@@ -61,6 +61,9 @@ def test_unknown_keys_fail_with_one_line_naming_the_key(hydra_loader):
             composer.compose(["experiment=debug", typo], 0, local, "x")
         assert "lrr" in str(e.value) and "\n" not in str(e.value)
         assert "To append to your config" not in str(e.value)
+        assert str(e.value).endswith("; did you mean optim.lr?")
+    with pytest.raises(UserError, match="did you mean cosine"):
+        composer.compose(["experiment=debug", "optim.scheduler=cosin"], 0, local, "x")
 
 
 def test_the_hash_pins_what_a_job_computes_not_where_it_runs(tmp_path, hydra_loader):

@@ -79,6 +79,7 @@ class JobComposer:
         self.templates: dict[tuple, _Template] = {}
         self._parsed: dict[str, Any] = {}  # override line -> Hydra's parse of it (ANTLR: slow)
         self._parser = None
+        self._keys: list[str] | None = None  # the config's keys, for "did you mean"
 
     def _all_groups(self, parent: str) -> set[str]:
         found = set()
@@ -111,6 +112,20 @@ class JobComposer:
                 self._parser = OverridesParser.create()
             self._parsed.update(zip(new, self._parser.parse_overrides(new), strict=True))
         return [self._parsed[line] for line in lines]
+
+    def _suggestion(self, error: Exception) -> str:
+        """A mistyped key's closest real one, for Hydra's "Could not override 'x.y'"."""
+        import re
+
+        from lingua_sweep.config import config_keys
+        from lingua_sweep.errors import did_you_mean
+
+        found = re.search(r"Could not override '([^']+)'", str(error))
+        if not found:
+            return ""
+        if self._keys is None:
+            self._keys = config_keys(self.base)
+        return did_you_mean(found.group(1), self._keys)
 
     def compose(
         self, overrides: list[str], job_num: int, cluster: ClusterConfig | None, sweep_dir: str
@@ -153,7 +168,7 @@ class JobComposer:
                 exclude_keys=list(dirname.exclude_keys),
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors have many types
-            raise UserError(f"{where}: {_first_line(e)}") from e
+            raise UserError(f"{where}: {_first_line(e)}{self._suggestion(e)}") from e
         steps = None
         if template.trainer:
             from lingua_sweep.config import check_known_keys
