@@ -28,6 +28,7 @@ from lingua_sweep.sweep.controller import Controller
 from lingua_sweep.sweep.journal import QUEUED, Journal, decode_value
 from lingua_sweep.sweep.monitor import Monitor
 from lingua_sweep.sweep.params import LauncherParams
+from lingua_sweep.sweep.watch import RETURNS_WITH_CONFIG_UP_TO
 
 log = logging.getLogger(__name__)
 # Sweepers whose jobs are a grid: a failed job fails the run (Optuna's are trial outcomes).
@@ -210,7 +211,8 @@ def job_return(controller: Controller, index: int) -> JobReturn:
     if result.get("status") == "COMPLETED" and index in controller.returns:
         return controller.returns[index]
     config = controller.configs.get(index)
-    ret = JobReturn(overrides=job.overrides, cfg=config.template if config else None)
+    small = len(controller.state.jobs) <= RETURNS_WITH_CONFIG_UP_TO
+    ret = JobReturn(overrides=job.overrides, cfg=config.materialize() if config and small else None)
     if result.get("status") == "COMPLETED":
         ret.status = JobStatus.COMPLETED
         ret.return_value = decode_value(result)

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # A job Slurm says COMPLETED whose results are not there yet (a network filesystem shows files
 # late) is given this long before it counts as FAILED.
 RESULT_GRACE_S = 60.0
+# The JobReturns handed back to Hydra's sweeper carry each job's config (Hydra's contract) in
+# sweeps up to this size; beyond it, none (`cfg` is None): memory.
+RETURNS_WITH_CONFIG_UP_TO = 1000
 
 
 class Watcher:
@@ -203,9 +206,10 @@ class Watcher:
                      "hydra.launcher.max_resubmits)")  # fmt: skip
         ret = outcome.get("job_return")
         if ret is not None:
-            # Its configs are the job's whole composition (~100 KB each): kept for 10,000 jobs
-            # that is a gigabyte. Hydra's sweepers read the value, status and dir only.
-            ret.cfg = ret.hydra_cfg = None
+            if len(c.state.jobs) > RETURNS_WITH_CONFIG_UP_TO:
+                # Its configs are the job's whole composition (~100 KB): for 10,000 jobs, a
+                # gigabyte. Hydra's own sweepers read the value, status and dir only.
+                ret.cfg = ret.hydra_cfg = None
             c.returns[job.index] = ret
         value, pickled = journal_lib.encode_value(outcome.get("value"))
         faultpoint.hit("poll.final")
