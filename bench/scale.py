@@ -125,7 +125,8 @@ def run_one(jobs: int, poll: float, tmp: Path, clusters: list[str], conf: Path,
         # The launcher process alone, from the controller's start: no Python start-up, no agent
         # processes (a local Slurm's agent runs here as a child; a remote one on its login node).
         "controller_ms_per_job": 1000 * (report.get("launch_cpu_s", 0.0) - sim_cpu) / jobs,
-        "peak_rss_mb": after.ru_maxrss / 1024,
+        # The launcher's own peak (RUSAGE_CHILDREN's is the largest child's so far).
+        "peak_rss_mb": report.get("peak_rss_mb", after.ru_maxrss / 1024),
         "cycles": len(report["cycle_s"]),
         "cycle_p50_s": percentile(report["cycle_s"], 0.5),
         "cycle_p99_s": percentile(report["cycle_s"], 0.99),

@@ -184,10 +184,14 @@ def write_profile(controller: Controller) -> None:
     path = os.environ.get("LINGUA_SWEEP_PROFILE")
     if not path:
         return
+    import resource
+
     from lingua_sweep.sweep import simulator
 
     cpu_s = time.process_time() - controller.cpu_start  # composing, the loop, its threads
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(path).write_text(json.dumps({"cycle_s": controller.cycle_s, "launch_cpu_s": cpu_s,
+                                      "peak_rss_mb": peak_mb,
                                       "polls": controller.watcher.polls,
                                       "simulated": simulator.report()}))  # fmt: skip
 
