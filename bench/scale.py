@@ -203,11 +203,11 @@ def main() -> int:
                 context.exit()
     text = table(rows)
     print(text)
-    if len(rows) > 1:
-        base = rows[0]["launcher_ms_per_job"]
-        for r in rows[1:]:
-            print(f"CPU per job at {r['jobs']} / at {rows[0]['jobs']}: "
-                  f"{r['launcher_ms_per_job'] / base:.2f}x")  # fmt: skip
+    for before, r in zip(rows, rows[1:], strict=False):  # each size against the one before
+        ratio = r["launcher_ms_per_job"] / before["launcher_ms_per_job"]
+        alone = r["controller_ms_per_job"] / before["controller_ms_per_job"]
+        print(f"CPU per job at {r['jobs']} / at {before['jobs']}: {ratio:.2f}x "
+              f"(controller alone {alone:.2f}x)")  # fmt: skip
     if args.out:
         args.out.write_text(f"# bench/scale.py --where {args.where}\n\n{text}\n")
     return 0
