@@ -95,6 +95,7 @@ class Controller:
         self.cycle_s: list[float] = []  # each cycle's wall time (bench/scale.py reads them)
         self.cpu_start = time.process_time()  # the process's CPU (all threads) when it began
         self.created = False  # whether this process wrote the sweep's header (a new sweep)
+        self._batch: list[tuple[str, dict]] | None = None  # records waiting in `one_write`
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
         self.watcher = Watcher(self)
         self.dispatcher = Dispatcher(self)
@@ -237,8 +238,28 @@ class Controller:
         return [j for j in map(self.state.jobs.get, sorted(indices)) if j.job_id]
 
     def record(self, kind: str, **fields) -> None:
-        """Writes a record, then applies it: memory never runs ahead of the journal."""
+        """Writes a record, then applies it: memory never runs ahead of the journal. Inside
+        `one_write`, records wait and are written (then applied) together at its end."""
+        if self._batch is not None:
+            self._batch.append((kind, fields))
+            return
         journal_lib.apply(self.state, self.journal.append(kind, **fields))
+
+    @contextlib.contextmanager
+    def one_write(self):
+        """The records made inside go to the journal in one write and one fsync when it ends
+        (a poll bringing a thousand state changes: not a thousand fsyncs in the loop). Inside,
+        nothing may act on them but the journal: they are not applied yet."""
+        if self._batch is not None:
+            yield
+            return
+        self._batch = []
+        try:
+            yield
+        finally:
+            batch, self._batch = self._batch, None
+            for record in self.journal.append_many(batch) if batch else []:
+                journal_lib.apply(self.state, record)
 
     # --- submitting (where each job goes: dispatch.Dispatcher) ------------------------------
 

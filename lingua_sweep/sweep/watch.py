@@ -122,35 +122,45 @@ class Watcher:
         reply = out["reply"]
         if reply.get("usage") is not None:
             link.usage = reply["usage"]
-        self._note_strays(name, reply.get("named", {}))
-        for old in mine:
-            job = c.state.jobs[old.index]
-            if job.final or job.job_id != old.job_id:
-                continue  # settled meanwhile (a cancel, a move)
-            outcome = reply["outcomes"].get(job.job_id)
-            if outcome is not None:
-                self.finish(job, outcome)
-                continue
-            info = reply["states"].get(job.job_id, {})
-            state = info.get("state", "UNKNOWN")
-            state = {"COMPLETING": "RUNNING", "CONFIGURING": "PENDING"}.get(state, state)
-            ran = bool(info.get("ran")) and job.started_at is None
-            if state == "PENDING" and not info.get("ran"):
-                # Pending as of when this poll was sent, not when its answer was read (a laptop
-                # that slept in between reads an old answer late).
-                self.pending_seen[job.index] = out["asked_at"]
-            reason = info.get("reason") or None
-            changed = state != job.state or (state == "PENDING" and reason != job.reason)
-            if ran or (changed and not (state == "UNKNOWN" and job.state != SUBMITTING)):
-                c.record("state", index=job.index, state=state, reason=reason,
-                         ran=ran or None)  # fmt: skip
-            if (state in HELD or reason in HELD_REASONS) and not job.stopping:
-                # Held after a requeue: it never starts alone. Cancelled, then submitted again.
-                c.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
-                         status="RESUBMIT", note=f"held by Slurm ({reason or state})")  # fmt: skip
-            piece = reply["files"].get(c.metrics_path(job))
-            if piece is not None:
-                c.tails.setdefault(job.index, Tail()).feed(piece)
+        with c.one_write():  # one fsync for the whole poll; results are told after it
+            self._note_strays(name, reply.get("named", {}))
+            ended = [job for job in mine if self._read(job, reply, out["asked_at"])]
+        for job in ended:
+            job = c.state.jobs[job.index]
+            if job.final and c.on_result is not None:
+                c.on_result(job)
+
+    def _read(self, old: JobEntry, reply: dict[str, Any], asked_at: float) -> bool:
+        """What one poll says of one job, journaled; whether it ended."""
+        c = self.c
+        job = c.state.jobs[old.index]
+        if job.final or job.job_id != old.job_id:
+            return False  # settled meanwhile (a cancel, a move)
+        outcome = reply["outcomes"].get(job.job_id)
+        if outcome is not None:
+            self.finish(job, outcome)
+            return True
+        info = reply["states"].get(job.job_id, {})
+        state = info.get("state", "UNKNOWN")
+        state = {"COMPLETING": "RUNNING", "CONFIGURING": "PENDING"}.get(state, state)
+        ran = bool(info.get("ran")) and job.started_at is None
+        if state == "PENDING" and not info.get("ran"):
+            # Pending as of when this poll was sent, not when its answer was read (a laptop
+            # that slept in between reads an old answer late).
+            self.pending_seen[job.index] = asked_at
+        reason = info.get("reason") or None
+        changed = state != job.state or (state == "PENDING" and reason != job.reason)
+        if ran or (changed and not (state == "UNKNOWN" and job.state != SUBMITTING)):
+            c.record("state", index=job.index, state=state, reason=reason,
+                     ran=ran or None)  # fmt: skip
+        if (state in HELD or reason in HELD_REASONS) and not job.stopping:
+            # Held after a requeue: it never starts alone. Cancelled, then submitted again.
+            c.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
+                     status="RESUBMIT", note=f"held by Slurm ({reason or state})")  # fmt: skip
+        piece = reply["files"].get(c.metrics_path(job))
+        if piece is not None:
+            c.tails.setdefault(job.index, Tail()).feed(piece)
+        return False
 
     def _note_strays(self, cluster: str, named: dict[str, str]) -> None:
         """Active jobs with this sweep's name: one the journal does not know (and no open
@@ -164,6 +174,7 @@ class Watcher:
                             job_id, cluster, batch)  # fmt: skip
                 c.record("stray", cluster=cluster, job_id=job_id, batch=batch,
                          note="active, unknown to the journal")  # fmt: skip
+                self._active_strays.add(job_id)  # (the record is applied after the poll)
             if c.state.known_ids.get(key, -1) is None:
                 self._active_strays.add(job_id)
 
@@ -219,5 +230,3 @@ class Watcher:
                  value_pickle=pickled, error=error, step=step)  # fmt: skip
         if status == "FAILED":
             log.error("#%d on %s (job %s) FAILED: %s", job.index, job.cluster, job.job_id, error)
-        if c.on_result is not None:
-            c.on_result(c.state.jobs[job.index])
