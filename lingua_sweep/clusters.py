@@ -231,10 +231,8 @@ def _unreachable(cluster: ClusterConfig, reason: str) -> ClusterStatus:
 
 
 def _probe_one(cluster: ClusterConfig, timeout: float) -> ClusterStatus:
-    if cluster.simulated is not None:
-        from lingua_sweep.sweep.simulator import cluster_for
-
-        return cluster_for(cluster).probe()
+    if cluster.simulated is not None:  # its queue lives in a launcher; it probes it there
+        return _unreachable(cluster, "simulated: it exists only inside a sweep's launcher")
     if not cluster.slurm:
         return ClusterStatus(
             name=cluster.name, state="local", idle_nodes=1, total_nodes=1, reason=None,

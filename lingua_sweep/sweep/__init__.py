@@ -8,4 +8,6 @@ backends    one protocol for a cluster: in-process (local Slurm, `local`) or ove
 dispatch    which queued job goes to which cluster now, and moving long-pending jobs
 controller  the loop tying journal, backends and dispatch together
 monitor     the live view of a running sweep
+simulator   a simulated Slurm cluster behind the same protocol (bench/scale.py)
+finding     `lingua-sweep ls | logs`
 """

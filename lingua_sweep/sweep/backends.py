@@ -1,4 +1,5 @@
-"""One protocol for talking to a cluster, two ways to do it.
+"""One protocol for talking to a cluster, two ways to do it (and a simulated cluster,
+`simulator.SimBackend`, for benchmarks).
 
 `LocalBackend`: the `local` cluster (no Slurm): jobs are processes on this machine, started and
 watched in this process. `AgentBackend`: a Slurm cluster. Everything goes through `python -m
