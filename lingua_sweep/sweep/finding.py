@@ -85,8 +85,9 @@ def best_of(state, fmt_override) -> str:
             and isinstance((j.result or {}).get("value"), int | float)]  # fmt: skip
     if not done:
         return "-"
-    directions = (state.header.get("study") or {}).get("directions") or ["minimize"]
-    pick = max if str(directions[0]).endswith("maximize") else min
+    from lingua_sweep.results import wants_max
+
+    pick = max if wants_max(state, {}) else min
     best = pick(done, key=lambda j: j.result["value"])
     shared = set.intersection(*(set(j.overrides) for j in state.jobs.values()))
     varying = " ".join(fmt_override(o) for o in best.overrides if o not in shared)
