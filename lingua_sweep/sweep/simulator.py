@@ -386,12 +386,6 @@ def report() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def forget_all() -> None:
-    """Drops every simulated cluster (a new benchmark run starts from empty queues)."""
-    with _REGISTRY_LOCK:
-        _CLUSTERS.clear()
-
-
 class SimBackend:
     files_here = True
 
