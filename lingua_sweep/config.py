@@ -26,6 +26,7 @@ class ClusterConfig:
     qos: str | None = None
     gpus_per_node: int = 0
     gpu_type: str = "cpu"  # nominal; the trainer detects the real GPU at run time
+    gpu_memory_gb: float | None = None  # per GPU; null = lingua_sweep.gpus' figure for gpu_type
     max_nodes: int = 1
     exclude: list[str] = field(default_factory=list)  # known bad nodes, never counted or used
     data_root: str = MISSING

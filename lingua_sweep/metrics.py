@@ -24,25 +24,16 @@ from typing import Any
 
 from lingua_sweep.config import TrainConfig
 from lingua_sweep.errors import UserError
+from lingua_sweep.gpus import gpu_spec
 
 log = logging.getLogger("lingua_sweep.train")
 DATA_FILE = "data.json"  # in a run dir: the data it read (lingua_sweep.data.data_identity)
 
-# Dense bf16 peak FLOP/s per GPU, matched as substrings of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-}
-
 
 def peak_flops(device_name: str | None) -> float | None:
-    if not device_name:
-        return None
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in device_name:
-            return flops
-    return None
+    """Dense bf16 peak FLOP/s per GPU of a device name (`gpus.GPUS`); None on CPU."""
+    spec = gpu_spec(device_name)
+    return spec.peak_bf16_flops if spec else None
 
 
 def every_n_steps(step: int, freq: int) -> bool:
