@@ -129,6 +129,9 @@ def cmd_results(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}", file=sys.stderr)
     elif text is not None:
         sys.stdout.write(text)
+    predictions = results_table.prediction_errors_text(args.sweep_dir)
+    if predictions and args.format != "csv" and not args.output:
+        sys.stdout.write("\n" + predictions)
     if args.plot:
         results_plot.plot(rows, args.sweep_dir, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)  # stderr: stdout stays the table

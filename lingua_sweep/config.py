@@ -27,6 +27,9 @@ class ClusterConfig:
     gpus_per_node: int = 0
     gpu_type: str = "cpu"  # nominal; the trainer detects the real GPU at run time
     gpu_memory_gb: float | None = None  # per GPU; null = lingua_sweep.gpus' figure for gpu_type
+    # Training FLOP/s the trainer achieves per GPU (per process on a CPU partition), for placing
+    # jobs where they finish first; null = lingua_sweep.gpus' figure for gpu_type.
+    model_flops_per_s: float | None = None
     max_nodes: int = 1
     exclude: list[str] = field(default_factory=list)  # known bad nodes, never counted or used
     data_root: str = MISSING

@@ -238,3 +238,26 @@ def optuna_summary(sweep_dir: str | Path) -> str | None:
 
 def _fmt_value(value: Any) -> str:
     return f"{value:.4g}" if is_number(value) else str(value)
+
+
+def prediction_errors_text(sweep_dir: str | Path) -> str | None:
+    """How well time-to-result placement predicted, per cluster (markdown): the median absolute
+    error of its start predictions, of Slurm's own estimates, of its run times. None for a
+    sweep placed without predictions."""
+    from lingua_sweep.sweep.forecast import prediction_errors
+
+    journal = read_journal(Path(sweep_dir))
+    errors = prediction_errors(list(journal.jobs.values())) if journal else {}
+    if not errors:
+        return None
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    lines = ["prediction error (median absolute, s), jobs placed by time-to-result:", "",
+             "| cluster | jobs | start | Slurm's estimate | run time |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, e in errors.items():
+        lines.append(f"| {name} | {e['jobs']} | {secs(e['start_error_s'])} | "
+                     f"{secs(e['slurm_error_s'])} | {secs(e['run_error_s'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", required=True)
     p.add_argument("--qos")
     p.add_argument("--account")
+    p = sub.add_parser("estimate")
+    p.add_argument("--params", required=True, help="JSON of sbatch parameters")
     args = parser.parse_args(argv)
 
     out = sys.stdout.buffer
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         limits = slurm_queries.read_limits(qos=args.qos, account=args.account)
         usage = slurm_queries.user_usage(args.prefix)
         out.write(_json({"limits": limits.to_json(), "usage": usage}))
+    elif args.command == "estimate":
+        out.write(_json({"start": slurm_queries.start_estimate(json.loads(args.params))}))
     return 0
 
 

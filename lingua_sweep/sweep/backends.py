@@ -59,6 +59,9 @@ class Backend(Protocol):
     def limits(self, prefix: str) -> tuple[Limits, dict[str, int]]:
         """The user's limits there and usage by jobs not named `prefix...`."""
 
+    def estimate_start(self, params: dict) -> float | None:
+        """When Slurm would start a job of these sbatch parameters submitted now (epoch)."""
+
 
 def retry(call: Callable[[], T], delays: tuple[float, ...] = RETRY_DELAYS_S) -> T:
     for delay in delays:
@@ -113,6 +116,9 @@ class LocalBackend:
 
     def limits(self, prefix):
         return Limits(), {}  # this machine's own processes: none
+
+    def estimate_start(self, params):
+        return None  # no queue: a local job starts when a slot frees
 
 
 class AgentBackend:
@@ -248,6 +254,10 @@ class AgentBackend:
                 *(["--account", c.account] if c.account else [])]  # fmt: skip
         reply = retry(lambda: answer(self._agent(args), "agent limits"))
         return Limits.from_json(reply["limits"]), reply["usage"]
+
+    def estimate_start(self, params):
+        reply = answer(self._agent(["estimate", "--params", json.dumps(params)]), "agent estimate")
+        return reply["start"]
 
 
 def make_backend(

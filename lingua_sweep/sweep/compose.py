@@ -31,12 +31,15 @@ class JobConfig:
     the launcher never needs to, the job does on its node, so a 10,000-job sweep holds one
     config per shape, and an array pickles its template once."""
 
-    __slots__ = ("template", "values", "task", "dirname", "num", "hash", "steps", "_data_view")
+    __slots__ = ("template", "values", "task", "dirname", "num", "hash", "steps", "work_flops",
+                 "_data_view")  # fmt: skip
 
-    def __init__(self, template, values, task, dirname, num, digest, steps, data_view):
+    def __init__(self, template, values, task, dirname, num, digest, steps, data_view,
+                 work_flops=None):  # fmt: skip
         self.template = template
         self.values, self.task, self.dirname, self.num = values, task, dirname, num
         self.hash, self.steps, self._data_view = digest, steps, data_view
+        self.work_flops = work_flops  # a trainer job's training FLOPs per GPU (placement)
 
     def materialize(self) -> DictConfig:
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -169,7 +172,7 @@ class JobComposer:
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors have many types
             raise UserError(f"{where}: {_first_line(e)}{self._suggestion(e)}") from e
-        steps = None
+        steps = work_flops = None
         if template.trainer:
             from lingua_sweep.config import check_known_keys
             from lingua_sweep.preflight import preflight
@@ -180,12 +183,29 @@ class JobComposer:
             except UserError as e:
                 raise UserError(f"{where}: {e}") from e
             steps = scratch.get("steps")
+            work_flops = _work_flops(scratch)
         touches_data = any(o.key_or_group.split(".")[0] in ("data", "cluster") for o in values)
         return JobConfig(
             template.config, [o.input_line for o in values], [o.input_line for o in task],
             override_dirname, job_num, _hash(template, values), steps,
-            None if touches_data else template.config,
+            None if touches_data else template.config, work_flops,
         )  # fmt: skip
+
+
+def _work_flops(cfg) -> float | None:
+    """Training FLOPs one GPU does over the whole job: how big a job is, whatever the GPU (its
+    run time on a cluster is this over the FLOP/s the trainer achieves there)."""
+    from lingua_sweep.config import ModelConfig
+    from lingua_sweep.model import flops_per_token
+    from lingua_sweep.preflight import KNOWN_VOCAB_SIZES
+
+    fields = OmegaConf.to_container(cfg.model)
+    fields["vocab_size"] = fields["vocab_size"] or KNOWN_VOCAB_SIZES.get(cfg.data.tokenizer.name)
+    if not fields["vocab_size"]:
+        return None  # a tokenizer file's vocab: known only when the job reads it
+    d = cfg.data
+    tokens = cfg.steps * d.batch_size * d.seq_len * cfg.optim.grad_acc_steps
+    return tokens * flops_per_token(ModelConfig(**fields), d.seq_len)
 
 
 def _hash(template: _Template, values) -> str:

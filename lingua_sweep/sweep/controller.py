@@ -31,7 +31,7 @@ from lingua_sweep.sweep.dispatch import Dispatcher
 from lingua_sweep.sweep.header import project_root, sweep_header
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
 from lingua_sweep.sweep.link import Link
-from lingua_sweep.sweep.params import WHEN_BUSY, LauncherParams
+from lingua_sweep.sweep.params import PLACEMENTS, WHEN_BUSY, LauncherParams
 from lingua_sweep.sweep.submit import Submitter
 from lingua_sweep.sweep.tails import Tail
 from lingua_sweep.sweep.watch import Watcher
@@ -59,6 +59,10 @@ class Controller:
         if params.when_busy not in WHEN_BUSY:
             raise UserError(
                 f"hydra.launcher.when_busy={params.when_busy!r}: choose one of {WHEN_BUSY}"
+            )
+        if params.placement not in PLACEMENTS:
+            raise UserError(
+                f"hydra.launcher.placement={params.placement!r}: choose one of {PLACEMENTS}"
             )
         self.sweep_dir = sweep_dir.resolve()
         self.p = params

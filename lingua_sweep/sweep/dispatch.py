@@ -20,6 +20,7 @@ from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import faultpoint
 from lingua_sweep.sweep import limits as limits_lib
+from lingua_sweep.sweep.forecast import Forecaster
 from lingua_sweep.sweep.journal import JobEntry
 from lingua_sweep.sweep.params import LauncherParams
 from lingua_sweep.sweep.states import QUEUED, SUBMITTING, WAITING, not_soon, pending_words
@@ -129,6 +130,20 @@ def assign(
     return out
 
 
+def within_caps(targets: list[str | None], caps: Mapping[str, int | None]) -> list[str | None]:
+    """Targets past a cluster's submit limit wait here instead."""
+    left = {n: v for n, v in caps.items() if v is not None}
+    out = []
+    for target in targets:
+        if target in left:
+            if left[target] <= 0:
+                target = None
+            else:
+                left[target] -= 1
+        out.append(target)
+    return out
+
+
 def check_when_busy(
     n_without_room: int, n_jobs: int, reachable: Sequence[str], when_busy: str
 ) -> None:
@@ -157,6 +172,8 @@ class Dispatcher:
         self.c = controller
         self.last_probe = -1e9
         self.probed_at = 0.0  # wall-clock, like the journal's times
+        self.forecaster = Forecaster(controller)
+        self.last_replan = -1e9
 
     def probe(self) -> None:
         c = self.c
@@ -265,9 +282,13 @@ class Dispatcher:
                 )
             return  # every cluster is away for now: the jobs wait for one to come back
         caps = {n: self.headroom(n).submit for n in order}
-        targets = assign(
-            len(queued), rooms, order, queue_on=queue_on, when_busy=c.p.when_busy, caps=caps
-        )
+        if c.p.placement == "time_to_result":
+            self.forecaster.ask([n for n in order if rooms.get(n, 0) == 0])
+            targets = within_caps(self.forecaster.place(queued, rooms, order, queue_on), caps)
+        else:
+            targets = assign(
+                len(queued), rooms, order, queue_on=queue_on, when_busy=c.p.when_busy, caps=caps
+            )
         if not c.submitted_any:
             check_when_busy(targets.count(None), len(queued), reachable, c.p.when_busy)
         for name in dict.fromkeys(t for t in targets if t):
@@ -295,7 +316,11 @@ class Dispatcher:
 
     def move_long_pending(self) -> None:
         c = self.c
-        if c.p.max_pending_s is None or c.composer is None:
+        if c.composer is None:
+            return
+        if c.p.placement == "time_to_result" and c.jobs("PENDING"):
+            self.move_to_sooner()
+        if c.p.max_pending_s is None:
             return
         now = time.time()
         seen = c.watcher.pending_seen  # judged on what Slurm said, never on a stale picture
@@ -319,10 +344,23 @@ class Dispatcher:
             target = next(n for n, r in others.items() if r > 0)
             rooms[target] -= 1
             why = pending_words(job.reason) if not_soon(job.reason) else None
-            note = (f"pending {now - job.submitted_at:.0f}s ({why or 'waiting its turn'}) "
-                    f"while {target} has room")  # fmt: skip
-            log.info("#%d %s: moving it", job.index, note)
-            # Moved (and bound for the target) once Slurm confirms it ended here unstarted.
-            c.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
-                        status="MOVE", note=note, to=target)  # fmt: skip
-            faultpoint.hit("stop.recorded")
+            self._move(job, target, f"pending {now - job.submitted_at:.0f}s "
+                       f"({why or 'waiting its turn'}) while {target} has room")  # fmt: skip
+
+    def move_to_sooner(self) -> None:
+        """Time-to-result: a pending job moves where it would finish clearly sooner (judged
+        once per probe, on Slurm's latest estimates)."""
+        if time.monotonic() - self.last_replan < self.c.p.probe_every_s:
+            return
+        self.last_replan = time.monotonic()
+        self.probe()
+        rooms = self.rooms()
+        for job, target, why in self.forecaster.moves(rooms, self.reachable_slurm()):
+            self._move(job, target, why)
+
+    def _move(self, job: JobEntry, target: str, note: str) -> None:
+        log.info("#%d %s: moving it", job.index, note)
+        # Moved (and bound for the target) once Slurm confirms it ended here unstarted.
+        self.c.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
+                      status="MOVE", note=note, to=target)  # fmt: skip
+        faultpoint.hit("stop.recorded")

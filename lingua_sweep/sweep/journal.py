@@ -54,6 +54,10 @@ class JobEntry:
     # (or moved) only once Slurm says it ended.
     stopping: dict[str, Any] | None = None
     history: list[list] = field(default_factory=list)  # [time, state, note]
+    # Time-to-result placement's latest prediction for it ({cluster, at, start, slurm_start,
+    # run_s, alt}, epochs), and the one its placement was decided on (`planned`).
+    forecast: dict[str, Any] | None = None
+    planned: dict[str, Any] | None = None
     result: dict[str, Any] | None = None  # {status, value, error, step}
 
     @property
@@ -266,6 +270,10 @@ def _apply(state: SweepState, r: dict) -> None:
             job.moves += 1
         else:
             job.resubmits += 1
+        # The move's own prediction (made when it was decided) stays; an older one is void.
+        if kind == "resubmit" or (job.planned or {}).get("cluster") != r.get("to"):
+            job.planned = None
+        job.forecast = job.planned
         job.target, job.stopping, job.reason = r.get("to"), None, None
         job.cluster = job.job_id = job.folder = job.remote_dir = job.batch = None
         job.started_at = job.submitted_at = None
@@ -276,6 +284,13 @@ def _apply(state: SweepState, r: dict) -> None:
         job.result = {k: r.get(k) for k in ("status", "value", "value_pickle", "error", "step")}
         job.ended_at, job.stopping = t, None
         _set_state(job, t, r["status"], r.get("error"))
+    elif kind == "forecast":
+        for index, forecast in r["jobs"].items():
+            entry = state.jobs.get(int(index))
+            if entry is not None and not entry.final:
+                entry.forecast = forecast
+                if forecast.get("planned"):
+                    entry.planned = forecast
     elif kind == "stray":
         key = (r["cluster"], r["job_id"])
         state.known_ids.setdefault(key, None)

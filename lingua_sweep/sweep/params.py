@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 WHEN_BUSY = ("queue", "wait", "fail")
+PLACEMENTS = ("time_to_result", "priority")
 
 
 @dataclass(kw_only=True)
@@ -22,8 +23,16 @@ class LauncherParams:
     # No cluster has room for a job now: queue it in the Slurm queue of the first reachable
     # cluster (queue), keep it here until one has room (wait), or stop the sweep (fail).
     when_busy: str = "queue"
+    # time_to_result: each job where its predicted finish (start + run time) is earliest, the
+    # clusters' priority breaking ties; pending jobs move when elsewhere is clearly sooner.
+    # priority: the first cluster in priority order with room (jobs move after max_pending_s).
+    placement: str = "time_to_result"
+    # Seconds a job of an app that is not the trainer runs on an H100 node, for placement before
+    # the sweep has seen its own jobs run; null = unknown until then (the trainer's jobs are
+    # sized from their config).
+    expected_run_s: float | None = None
     # A job pending longer than this in one cluster's queue while another has room moves there
-    # (once); null = never.
+    # (once); null = never. With time_to_result, a safety net.
     max_pending_s: float | None = 600.0
     detach: bool = False  # submit, print the sweep dir, return; `lingua-sweep status/resume`
     # A sweep dir that already has a journal: reattach to that sweep (true), or start afresh,

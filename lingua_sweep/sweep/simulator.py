@@ -39,6 +39,7 @@ from lingua_sweep.sweep.states import WHY_FAILED
 
 ENDS_TO_OUTCOME = {"PREEMPTED": "RESUBMIT", "NODE_FAIL": "RESUBMIT"}
 METRIC_LINES = 5  # metrics.jsonl lines a simulated job writes over its run
+DEFAULT_LIMIT_S = 86400.0  # a job without --time: the partition's limit, as Slurm assumes it
 
 
 @dataclass(kw_only=True)
@@ -54,6 +55,9 @@ class SimSpec:
     background_load: float = 0.0  # share of GPUs another user keeps busy, on average
     background_gpus: int = 8  # GPUs per background job
     background_duration_s: float = 600.0
+    # What another user asks for as a time limit, in multiples of the mean duration: Slurm's
+    # start estimates assume every running job runs to its limit, so they come out late.
+    background_limit_factor: float = 3.0
     visibility_lag_s: float = 0.0  # a new job is absent from squeue/sacct this long (real s)
     submit_latency_s: float = 0.0  # wall time of one sbatch (real s)
     max_array_size: int = 1001
@@ -62,6 +66,8 @@ class SimSpec:
     backfill_depth: int = 500
     speed: float = 1.0  # simulated seconds per real second
     seed: int = 0
+    # Simulated seconds of the other user's jobs before the sweep arrives: queues as they are.
+    warmup_s: float = 0.0
 
 
 @dataclass
@@ -75,7 +81,7 @@ class SimJob:
     duration: float  # simulated seconds it runs, if nothing stops it
     submitted: float  # real monotonic time of the sbatch (visibility)
     end_as: str = "COMPLETED"
-    time_limit: float = math.inf
+    time_limit: float = math.inf  # what it asked for (sbatch --time), in simulated seconds
     job_dir: str | None = None
     overrides: list[str] = field(default_factory=list)
     state: str = "PENDING"
@@ -88,7 +94,9 @@ class SimJob:
 class SimCluster:
     def __init__(self, name: str, spec: SimSpec):
         self.name, self.spec = name, spec
-        self.rng = random.Random(spec.seed)
+        self.rng = random.Random(spec.seed)  # our jobs' durations and ends
+        # The other user's trace on its own stream: the same whatever our jobs do.
+        self.background_rng = random.Random(spec.seed + 7919)
         self.free_gpus = [spec.gpus_per_node] * spec.nodes
         self.free_cpus = [spec.cpus_per_node] * spec.nodes
         self.jobs: dict[str, SimJob] = {}
@@ -103,15 +111,20 @@ class SimCluster:
         self.calls: dict[str, int] = {}  # what the controller asked, by kind (calibration)
         self.cpu_s = 0.0
         self.max_running = 0
+        self.warmup = 0.0
+        for t in range(0, int(spec.warmup_s), 30):
+            self.advance(float(t))
+        self.warmup = spec.warmup_s
+        self.t0 = time.monotonic()
 
     def now(self) -> float:
-        return (time.monotonic() - self.t0) * self.spec.speed
+        return self.warmup + (time.monotonic() - self.t0) * self.spec.speed
 
     # --- the scheduler ----------------------------------------------------------------------
 
-    def advance(self) -> None:
+    def advance(self, now: float | None = None) -> None:
         """Everything up to now: ends, background arrivals, then starts."""
-        now = self.now()
+        now = self.now() if now is None else now
         while self.ends and self.ends[0][0] <= now:
             t, job_id = heapq.heappop(self.ends)
             self._end(self.jobs[job_id], t)
@@ -139,11 +152,13 @@ class SimCluster:
         rate = s.background_load * total / (s.background_gpus * s.background_duration_s)
         while self.next_background <= now:
             gpus = min(s.background_gpus, s.gpus_per_node) if s.gpus_per_node else 0
+            duration = self.background_rng.expovariate(1 / s.background_duration_s)
+            limit = max(duration * 1.2, s.background_duration_s * s.background_limit_factor)
             job = SimJob(id=str(next(self.next_id)), name="background", user="other", gpus=gpus,
-                         cpus=1, nodes=1, submitted=time.monotonic(),
-                         duration=self.rng.expovariate(1 / s.background_duration_s))  # fmt: skip
+                         cpus=1, nodes=1, submitted=time.monotonic(), duration=duration,
+                         time_limit=limit)  # fmt: skip
             self._enqueue(job)
-            self.next_background += self.rng.expovariate(rate)
+            self.next_background += self.background_rng.expovariate(rate)
 
     def _start(self, now: float) -> None:
         if not self.queue or not any(self.free_cpus):
@@ -283,6 +298,7 @@ class SimCluster:
             self.advance()
             now, wall = self.now(), time.monotonic()
             states, outcomes, files = {}, {}, {}
+            starts = None
             for j in request.get("jobs", []):
                 job = self.jobs.get(j["id"])
                 if job is None or wall - job.submitted < self.spec.visibility_lag_s:
@@ -291,6 +307,10 @@ class SimCluster:
                 info = {"state": job.state, "ran": job.start is not None}
                 if job.state == "PENDING":
                     info["reason"] = job.reason
+                    if starts is None:
+                        starts, _ = self.expected_starts()
+                    if job.id in starts:
+                        info["start"] = starts[job.id]
                 states[j["id"]] = info
                 if job.end is not None:
                     outcomes[j["id"]] = self._outcome(job)
@@ -320,6 +340,61 @@ class SimCluster:
             return {"status": ENDS_TO_OUTCOME[job.state], "error": WHY_FAILED[job.state]}
         why = WHY_FAILED.get(job.state, "simulated failure: the task raised")
         return {"status": "FAILED", "error": why}
+
+    # --- Slurm's start estimates (squeue --start, sbatch --test-only) ------------------------
+
+    def expected_starts(self, new: SimJob | None = None) -> tuple[dict[str, float], float | None]:
+        """Slurm's own estimate, as wall-clock epochs: every running job runs to its time limit,
+        pending jobs start in priority order (the first `backfill_depth` of them; Slurm leaves
+        the rest without one), and `new`, if given, after them all. Nobody else submits."""
+        now = self.now()
+        events = [(j.start + min(j.time_limit, DEFAULT_LIMIT_S), j.id)
+                  for j in map(self.jobs.get, self.active) if j.state == "RUNNING"]  # fmt: skip
+        heapq.heapify(events)
+        gpus, cpus = list(self.free_gpus), list(self.free_cpus)
+        held: dict[str, tuple[list[int], int, int]] = {
+            j.id: (j.on, j.gpus, j.cpus) for j in map(self.jobs.get, self.active) if j.on
+        }
+        order = [self.jobs[i] for i in self.queue[: self.spec.backfill_depth]]
+        t, out, new_start = now, {}, None
+        for job in [*order, *([new] if new else [])]:
+            if job.reason.startswith("QOS"):
+                continue  # held by a limit, not by nodes: Slurm gives no start (N/A)
+            while True:
+                fit = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus]
+                if len(fit) >= job.nodes or not events:
+                    break
+                end, done = heapq.heappop(events)
+                t = max(t, end)
+                on, g, c = held.pop(done)
+                for n in on:
+                    gpus[n] += g
+                    cpus[n] += c
+            if len(fit) < job.nodes:
+                break  # larger than the whole cluster: no estimate
+            on = fit[: job.nodes]
+            for n in on:
+                gpus[n] -= job.gpus
+                cpus[n] -= job.cpus
+            held[job.id] = (on, job.gpus, job.cpus)
+            heapq.heappush(events, (t + min(job.time_limit, DEFAULT_LIMIT_S), job.id))
+            epoch = time.time() + (t - now) / self.spec.speed
+            if job is new:
+                new_start = epoch
+            else:
+                out[job.id] = epoch
+        return out, new_start
+
+    def estimate(self, params: dict) -> float | None:
+        """sbatch --test-only: when a job of this shape submitted now would start."""
+        with self._counted("estimate"), self.lock:
+            self.advance()
+            cpus = params.get("ntasks_per_node", 1) * (params.get("cpus_per_task") or 1)
+            probe = SimJob(id="test-only", name="test-only", user="me", cpus=cpus,
+                           gpus=params.get("gpus_per_node") or 0, nodes=params.get("nodes", 1),
+                           duration=0.0, submitted=time.monotonic(),
+                           time_limit=(params.get("time") or math.inf) * 60)  # fmt: skip
+            return self.expected_starts(probe)[1]
 
     def probe(self) -> ClusterStatus:
         with self._counted("probe"), self.lock:
@@ -421,3 +496,6 @@ class SimBackend:
 
     def probe(self, timeout_s: float) -> ClusterStatus:
         return self.sim.probe()
+
+    def estimate_start(self, params: dict) -> float | None:
+        return self.sim.estimate(params)

@@ -33,9 +33,12 @@ def slurm_states(ids: list[str], prefix: str | None = None) -> tuple[dict, dict[
     out = _active_jobs()
     usage = parse_usage(out, prefix)
     for line in out.splitlines():
-        job_id, state, reason, name = (line.strip().split("|") + ["", "", ""])[:4]
+        parts = (line.strip().split("|") + [""] * 7)[:7]
+        job_id, state, reason, name, start = parts[0], parts[1], parts[2], parts[3], parts[6]
         if job_id in wanted:
             found[job_id] = {"state": state, "reason": "" if reason == "None" else reason}
+            if state == "PENDING" and (epoch := slurm_time(start)) is not None:
+                found[job_id]["start"] = epoch  # squeue --start's estimate
         if prefix and name.startswith(prefix):
             named[job_id] = name
     rest = [i for i in ids if i not in found]
@@ -79,7 +82,45 @@ def read_limits(*, qos: str | None, account: str | None) -> Limits:
 
 def _active_jobs() -> str:
     return run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", ",".join(SLURM_ACTIVE),
-                "-o", "%i|%T|%r|%j|%D|%b"])  # fmt: skip
+                "-o", "%i|%T|%r|%j|%D|%b|%S"])  # fmt: skip
+
+
+def slurm_time(text: str) -> float | None:
+    """Slurm's `2026-12-02T13:40:00` (this machine's local time, as slurmctld prints it) as an
+    epoch; None for N/A, Unknown or an empty field."""
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+# submitit's parameter names -> sbatch's, for `sbatch --test-only`.
+TEST_ONLY_FLAGS = {
+    "partition": "--partition", "account": "--account", "qos": "--qos", "nodes": "--nodes",
+    "gpus_per_node": "--gpus-per-node", "ntasks_per_node": "--ntasks-per-node",
+    "cpus_per_task": "--cpus-per-task", "mem": "--mem", "time": "--time",
+    "exclude": "--exclude",
+}  # fmt: skip
+
+
+def start_estimate(params: dict[str, Any]) -> float | None:
+    """When Slurm would start a job of these parameters if it were submitted now: `sbatch
+    --test-only` (nothing is submitted). None when Slurm gives no time."""
+    from lingua_sweep.sweep import remote
+
+    argv = ["sbatch", "--test-only", "--job-name=lingua-sweep-test-only", "--output=/dev/null"]
+    for key, flag in TEST_ONLY_FLAGS.items():
+        if params.get(key) not in (None, ""):
+            argv.append(f"{flag}={params[key]}")
+    for key, value in (params.get("additional_parameters") or {}).items():
+        argv.append(f"--{key.replace('_', '-')}={value}")
+    argv += ["--wrap", "true"]
+    result = remote.run(argv, login=None, timeout=SLURM_TIMEOUT_S, check=False)
+    # "sbatch: Job 1234 to start at 2026-12-02T13:40:00 using 8 processors on nodes ..."
+    words = (result.stderr + result.stdout).split()
+    if "start" in words and words.index("start") + 2 < len(words):
+        return slurm_time(words[words.index("start") + 2])
+    return None
 
 
 def user_usage(prefix: str) -> dict[str, int]:

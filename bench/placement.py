@@ -1,0 +1,197 @@
+"""Time-to-result placement against the policies before it, on simulated clusters shaped like
+the team's four, under the same background traces.
+
+    python bench/placement.py [--jobs 40] [--seeds 0,1,2] [--speed 60] [--out results/placement.md]
+
+Runs `train.py -m data.seed=range(0,N)` (the default preset: 4,000 steps, one node of 8 GPUs
+per job) through the real multicluster launcher three times per seed, each against four
+simulated Slurm clusters (lingua_sweep/sweep/simulator.py) with the same other users' traces:
+
+| cluster | priority | GPUs | nodes | other users' load | our limit (MaxJobsPerUser) |
+|---|---|---|---|---|---|
+| research-secure-sim | 1 | 8x H100 | 16 | 95% | 4 |
+| mk-turbo-sim | 2 | 8x H100 | 4 | 70% | 1 |
+| sphinx-sim | 3 | 8x A100 (1.5x slower) | 8 | 40% | 2 |
+| miso-sim | 4 | 8x H200 (1.2x faster) | 4 | 60% | 1 |
+
+A job runs ~700 s on an H100 node (the seed's 8xH100 figure), 1.5x that on A100s, 0.83x on
+H200s (lognormal spread 10%); others ask for 3x their mean run time as a limit, so Slurm's
+estimates are late, as on a real cluster. Policies:
+- `priority-first-idle`: the seed's launch.py: the first cluster in priority order with an idle
+  node, else research-secure-sim's queue; never moves (`placement=priority max_pending_s=null`).
+- `dispatcher`: what the launcher did before (`placement=priority`, a job pending 600 s moves
+  where there is room).
+- `time-to-result`: `placement=time_to_result` (the default).
+Prints per policy, mean over seeds: makespan, mean job completion time, GPU-hours used, moves
+per job; for time-to-result, the median start-prediction error against Slurm's own estimate's
+(jobs placed into a queue). All times in simulated seconds.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from lingua_sweep.gpus import gpu_spec  # noqa: E402
+from lingua_sweep.sweep import forecast  # noqa: E402
+from lingua_sweep.sweep.journal import Journal  # noqa: E402
+
+H100_RUN_S = 700.0
+CLUSTERS = {  # name: (priority, gpu type, run-time factor, nodes, load, our limit)
+    "research-secure-sim": (1, "H100", 1.0, 16, 0.95, 4),
+    "mk-turbo-sim": (2, "H100", 1.0, 4, 0.7, 1),
+    "sphinx-sim": (3, "A100", 1.5, 8, 0.4, 2),
+    "miso-sim": (4, "H200", 0.83, 4, 0.6, 1),
+}
+POLICIES = {
+    "priority-first-idle": [
+        "hydra.launcher.placement=priority",
+        "hydra.launcher.max_pending_s=null",
+    ],  # fmt: skip
+    "dispatcher": ["hydra.launcher.placement=priority"],  # max_pending_s scaled below
+    "time-to-result": ["hydra.launcher.placement=time_to_result"],
+}
+GPUS = 8
+
+
+def write_clusters(conf: Path, root: Path, seed: int, speed: float) -> None:
+    (conf / "cluster").mkdir(parents=True, exist_ok=True)
+    data = root / "data" / "fineweb_edu_10bt_shuffled"  # checked before submitting; never read
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("fineweb_edu_10bt.chunk.00.jsonl", "fineweb_edu_10bt.val.jsonl"):
+        (data / name).write_text('{"text": "a simulated job reads nothing"}\n')
+    for k, (name, (prio, gpu, factor, nodes, load, limit)) in enumerate(CLUSTERS.items()):
+        spec = {"nodes": nodes, "gpus_per_node": GPUS, "cpus_per_node": 64,
+                "duration_s": H100_RUN_S * factor, "duration_sigma": 0.1,
+                "background_load": load, "background_gpus": GPUS,
+                "background_duration_s": 1800.0, "background_limit_factor": 3.0,
+                "warmup_s": 7200.0, "max_jobs": limit, "speed": speed,
+                "seed": 1000 * seed + k}  # fmt: skip
+        # What the trainer achieves there, in simulated time (the launcher's clock is real).
+        flops = gpu_spec(gpu).model_flops_per_s * speed
+        cluster = {"name": name, "provider": "simulated", "gpus_per_node": GPUS,
+                   "gpu_type": gpu, "priority": prio, "max_nodes": nodes,
+                   "model_flops_per_s": flops,
+                   "data_root": str(root / "data"), "output_root": str(root / "out"),
+                   "simulated": spec}  # fmt: skip
+        (conf / "cluster" / f"{name}.yaml").write_text(yaml.safe_dump(cluster))
+
+
+def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path) -> dict:
+    conf = tmp / f"conf-{seed}-{policy}"
+    write_clusters(conf, tmp, seed, speed)
+    sweep = tmp / f"sweep-{seed}-{policy}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    extra = list(POLICIES[policy])
+    if policy == "dispatcher":
+        extra.append(f"hydra.launcher.max_pending_s={600 / speed}")
+    # The launcher's clock is real: its intervals shrink with the simulation's speed-up.
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", f"data.seed=range(0,{jobs})",
+           "hydra/sweeper=grid", "hydra/launcher=multicluster",
+           f"hydra.launcher.clusters=[{','.join(CLUSTERS)}]",
+           f"hydra.launcher.poll_interval_s={5 / speed}",
+           f"hydra.launcher.probe_every_s={30 / speed}", "hydra.launcher.live=false",
+           "hydra.launcher.timeout_min=60", "logging.wandb=null",
+           f"hydra.searchpath=[file://{conf}]", f"hydra.sweep.dir={sweep}", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{policy} seed {seed} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    state = Journal(sweep).replay()
+    entries = list(state.jobs.values())
+    registered = {r["index"]: r["t"] for r in Journal(sweep).records() if r["kind"] == "job"}
+    t0 = min(registered.values())
+    ended = [j.ended_at for j in entries if j.ended_at]
+    ran = [(j.ended_at - j.started_at) for j in entries if j.started_at and j.ended_at]
+    errors = {name: {k: v * speed if k.endswith("_s") and v is not None else v
+                     for k, v in row.items()}
+              for name, row in forecast.prediction_errors(entries).items()}  # fmt: skip
+    start_err, slurm_err = [], []
+    for j in entries:  # jobs placed into a queue, where Slurm gave an estimate
+        plan = j.planned
+        if plan and plan.get("slurm_start") and j.started_at and plan["cluster"] == j.cluster:
+            start_err.append(abs(j.started_at - plan["start"]) * speed)
+            slurm_err.append(abs(j.started_at - plan["slurm_start"]) * speed)
+    where: dict[str, int] = {}
+    for j in entries:
+        where[j.cluster] = where.get(j.cluster, 0) + 1
+    return {
+        "policy": policy, "seed": seed,
+        "done": sum(j.state == "COMPLETED" for j in entries),
+        "makespan_s": (max(ended) - t0) * speed,
+        "mean_jct_s": statistics.mean(j.ended_at - registered[j.index] for j in entries
+                                      if j.ended_at) * speed,
+        "gpu_hours": sum(ran) * speed * GPUS / 3600,
+        "moves_per_job": sum(j.moves for j in entries) / len(entries),
+        "start_err_s": statistics.median(start_err) if start_err else None,
+        "slurm_err_s": statistics.median(slurm_err) if slurm_err else None,
+        "queued_predictions": len(start_err), "where": where, "errors": errors,
+    }  # fmt: skip
+
+
+def mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r[key] is not None]
+    return statistics.mean(values) if values else None
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| policy | makespan s | mean JCT s | GPU-hours | moves/job | start error s "
+             "(Slurm's) | jobs per cluster |", "|" + "---|" * 7]  # fmt: skip
+    base = {}
+    for policy in POLICIES:
+        mine = [r for r in rows if r["policy"] == policy]
+        if not mine:
+            continue
+        base[policy] = mean(mine, "makespan_s")
+        where: dict[str, int] = {}
+        for r in mine:
+            for k, v in r["where"].items():
+                where[k] = where.get(k, 0) + v
+        start, slurm = mean(mine, "start_err_s"), mean(mine, "slurm_err_s")
+        err = f"{start:.0f} ({slurm:.0f})" if start is not None and slurm is not None else "-"
+        lines.append(
+            f"| {policy} | {base[policy]:.0f} | {mean(mine, 'mean_jct_s'):.0f} | "
+            f"{mean(mine, 'gpu_hours'):.2f} | {mean(mine, 'moves_per_job'):.2f} | {err} | "
+            + ", ".join(f"{k} {v}" for k, v in sorted(where.items()))
+            + " |"
+        )
+    ttr = base.get("time-to-result")
+    if None in (ttr, base.get("priority-first-idle"), base.get("dispatcher")):
+        return "\n".join(lines)
+    lines.append("")
+    lines.append(f"time-to-result makespan: {ttr / base['priority-first-idle']:.2f}x "
+                 f"priority-first-idle, {ttr / base['dispatcher']:.2f}x dispatcher")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=40)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--speed", type=float, default=60.0, help="simulated s per real s")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lingua_bench_placement_") as tmp:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for policy in args.policies.split(","):
+                row = run_policy(policy, seed, args.jobs, args.speed, Path(tmp))
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

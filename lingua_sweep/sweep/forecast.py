@@ -1,0 +1,248 @@
+"""The dispatcher's eyes for time-to-result placement: Slurm's start estimates fetched in the
+background, what this sweep has seen (speeds, how late Slurm's estimates were), each cluster's
+outlook, the placements and moves that `placement` computes from them, and every prediction
+journaled (`forecast` records) beside what happened, so that `results` can score them.
+"""
+
+import logging
+import math
+import statistics
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from typing import Any
+
+from lingua_sweep.sweep import placement as pl
+from lingua_sweep.sweep.journal import JobEntry
+
+log = logging.getLogger(__name__)
+TEST_ONLY_NAME = "lingua-sweep-test-only"
+
+
+class Forecaster:
+    def __init__(self, controller):
+        self.c = controller
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="estimate")
+        # cluster -> (Slurm's start for a job submitted now, when asked); refreshed each probe.
+        self.estimates: dict[str, tuple[float | None, float]] = {}
+        self.in_flight: dict[str, Future] = {}
+        self.asked: dict[str, float] = {}  # cluster -> when last asked (monotonic)
+        self.slurm_start: dict[int, float] = {}  # job index -> squeue --start, latest poll
+        self.observed = pl.Observed()
+        self._counted: set[tuple[int, str]] = set()  # (job, "run"/"start") already observed
+        self._table: dict[str, float | None] | None = None  # cluster -> the GPU table's FLOP/s
+
+    # --- Slurm's estimates ---------------------------------------------------------------------
+
+    def ask(self, names: list[str]) -> None:
+        """`sbatch --test-only` on each cluster, on a thread: the loop never waits on a slow
+        login node (a later probe asks again)."""
+        from lingua_sweep.sweep.dispatch import sbatch_params
+
+        c = self.c
+        for name in names:
+            link = c.links[name]
+            if name in self.in_flight or not link.config.slurm or not link.available:
+                continue
+            if time.monotonic() - self.asked.get(name, -1e9) < c.p.probe_every_s:
+                continue
+            self.asked[name] = time.monotonic()
+            params = sbatch_params(link.config, c.p, TEST_ONLY_NAME)
+            asked = time.time()
+            future = self.pool.submit(link.backend.estimate_start, params)
+            self.in_flight[name] = future
+            future.add_done_callback(lambda f, name=name, asked=asked: self._got(name, asked, f))
+
+    def _got(self, name: str, asked: float, future: Future) -> None:
+        try:
+            start = future.result()
+        except Exception as e:  # noqa: BLE001 - an estimate is advice: without one, none
+            log.debug("cluster %s: no start estimate (%s)", name, e)
+            start = None
+        self.estimates[name] = (start, asked)
+        self.in_flight.pop(name, None)
+
+    def await_first(self, names: list[str], timeout_s: float) -> None:
+        """At a sweep's first placement, the estimates it needs (within the probe's timeout)."""
+        pending = [self.in_flight[n] for n in names
+                   if n not in self.estimates and n in self.in_flight]  # fmt: skip
+        if pending:
+            wait_for(pending, timeout=timeout_s)
+
+    def corrected(self, cluster: str, start: float, asked: float) -> float:
+        """Slurm's estimate made at `asked`, corrected by how late its estimates there were."""
+        return asked + max(start - asked, 0.0) * self.observed.correction(cluster)
+
+    # --- what the sweep has seen ---------------------------------------------------------------
+
+    def size(self, index: int) -> tuple[float, bool]:
+        config = self.c.configs.get(index)
+        return pl.job_size(getattr(config, "work_flops", None), self.c.p.expected_run_s)
+
+    def learn(self) -> None:
+        """Run times of finished jobs and starts of planned ones, each counted once."""
+        for job in self.c.jobs("RUNNING", "COMPLETED"):
+            plan = job.planned
+            if (job.index, "start") not in self._counted and job.started_at is not None:
+                self._counted.add((job.index, "start"))
+                if plan and plan.get("slurm_start") and plan.get("cluster") == job.cluster:
+                    self.observed.add_start(job.cluster, plan["at"], plan["slurm_start"],
+                                            job.started_at)  # fmt: skip
+            if job.state == "COMPLETED" and (job.index, "run") not in self._counted:
+                self._counted.add((job.index, "run"))
+                if job.started_at is not None and job.ended_at is not None:
+                    size, _ = self.size(job.index)
+                    self.observed.add_run(job.cluster, size, job.ended_at - job.started_at)
+
+    def run_s(self, index: int, cluster: str) -> float | None:
+        size, in_flops = self.size(index)
+        if self._table is None:
+            self._table = {n: pl.table_flops(link.config) for n, link in self.c.links.items()}
+        return pl.run_seconds(size, in_flops, cluster, self.observed, self._table)
+
+    # --- outlooks, placement, moves ------------------------------------------------------------
+
+    def outlook(self, name: str, room: int, index: int, now: float) -> pl.Outlook:
+        run = self.run_s(index, name)
+        start = None
+        # Held to our limit there, only our own jobs' ends make room: Slurm's estimate (free
+        # nodes) does not apply.
+        limited = self.c.dispatcher.headroom(name).start == 0
+        if not limited and self.estimates.get(name, (None,))[0] is not None:
+            epoch, asked = self.estimates[name]
+            start = self.corrected(name, epoch, asked) - now
+        frees = []
+        if run is not None:
+            for job in self.c.open_jobs():
+                if job.cluster != name or job.stopping:
+                    continue
+                if job.started_at is not None:
+                    frees.append(max(run - (now - job.started_at), 0.0))
+                elif (expected := self.pending_start(job)) is not None:
+                    frees.append(max(expected - now, 0.0) + run)
+        return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees)
+
+    def pending_start(self, job: JobEntry) -> float | None:
+        """When a job pending in a queue is expected to start (epoch, corrected)."""
+        slurm = self.slurm_start.get(job.index)
+        if slurm is None:
+            return None
+        return self.corrected(job.cluster, slurm, self.c.watcher.pending_seen.get(job.index, 0.0))
+
+    def place(self, queued: list[JobEntry], rooms: dict[str, int], order: list[str],
+              queue_on: str | None) -> list[str | None]:  # fmt: skip
+        """The cluster for each queued job (None: wait here), and each placement journaled."""
+        c, now = self.c, time.time()
+        self.learn()
+        self.await_first([n for n in order if rooms.get(n, 0) == 0], c.p.probe_timeout_s or 10)
+        plan = pl.Plan([self.outlook(n, rooms.get(n, 0), queued[0].index, now) for n in order])
+        targets, forecasts = [], {}
+        for job, choice in zip(queued, pl.place(len(queued), plan), strict=True):
+            target = choice.cluster
+            if target is None or not math.isfinite(choice.finish_s):
+                target = queue_on if c.p.when_busy == "queue" else None  # nothing known: as before
+            elif choice.start_s > 0 and c.p.when_busy != "queue":
+                target = None  # no room anywhere now: wait here, as `wait` says
+            targets.append(target)
+            if target is not None:
+                forecasts[str(job.index)] = self._forecast(target, choice, now, planned=True)
+        if forecasts:
+            c.record("forecast", indices=[int(i) for i in forecasts], jobs=forecasts)
+        return targets
+
+    def _forecast(self, cluster: str, choice: pl.Choice, now: float, *, planned: bool,
+                  slurm_start: float | None = None) -> dict[str, Any]:  # fmt: skip
+        if slurm_start is None and choice.start_s > 0 and cluster in self.estimates:
+            slurm_start = self.estimates[cluster][0]
+        run = choice.finish_s - choice.start_s if cluster == choice.cluster else None
+        out = {"cluster": cluster, "at": round(now, 1), "start": round(now + choice.start_s, 1),
+               "slurm_start": slurm_start and round(slurm_start, 1),
+               "run_s": run if run is None else round(run, 1),
+               "alt": {n: round(now + f, 1) for n, f in choice.alternatives.items()}}  # fmt: skip
+        return {**out, "planned": True} if planned else out
+
+    def moves(self, rooms: dict[str, int], names: list[str]) -> list[tuple[JobEntry, str, str]]:
+        """Pending jobs that finish clearly sooner on another of `names`: (job, target, why)."""
+        c, now = self.c, time.time()
+        self.learn()
+        candidates = [
+            j for j in c.jobs("PENDING")
+            if j.started_at is None and j.moves == 0 and not j.stopping and j.submitted_at
+            and j.index in c.watcher.pending_seen
+        ]  # fmt: skip
+        if not candidates:
+            return []
+        self.ask([n for n in names if rooms.get(n, 0) == 0])
+        plan = pl.Plan([self.outlook(n, rooms.get(n, 0), candidates[0].index, now)
+                        for n in names])  # fmt: skip
+        out = []
+        for job in candidates:
+            start = self.pending_start(job)
+            run = self.run_s(job.index, job.cluster)
+            if start is None or run is None:
+                continue
+            here = max(start - now, 0.0) + run
+            others = [n for n in names if n != job.cluster]
+            choice = pl.better_elsewhere(here, plan, others,
+                                         min_gain_s=2 * c.p.probe_every_s)  # fmt: skip
+            if choice is None:
+                continue
+            plan.take(choice.cluster)
+            why = (f"finishes ~{_clock(now + choice.finish_s)} on {choice.cluster}, "
+                   f"~{_clock(now + here)} here")  # fmt: skip
+            c.record("forecast", index=job.index, jobs={str(job.index): self._forecast(
+                choice.cluster, choice, now, planned=True)})  # fmt: skip
+            out.append((job, choice.cluster, why))
+        return out
+
+    def note_pending(self, job: JobEntry, slurm_start: float) -> None:
+        """A poll's `squeue --start` for a pending job; journaled when it moved noticeably."""
+        self.slurm_start[job.index] = slurm_start
+        last = (job.forecast or {}).get("slurm_start")
+        now = time.time()
+        if last is not None and abs(slurm_start - last) <= max(0.2 * (last - now), 60.0):
+            return
+        start = self.corrected(job.cluster, slurm_start, now)
+        self.c.record("forecast", index=job.index, jobs={str(job.index): {
+            "cluster": job.cluster, "at": round(now, 1), "start": round(start, 1),
+            "slurm_start": round(slurm_start, 1)}})  # fmt: skip
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%H:%M", time.localtime(epoch))
+
+
+def pending_note(job: JobEntry) -> str | None:
+    """The live view's and status's words for a queued or pending job's forecast."""
+    f = job.forecast
+    if not f or job.started_at is not None or job.final:
+        return None
+    words = f"starts ~{_clock(f['start'])}"
+    if f.get("slurm_start") and abs(f["slurm_start"] - f["start"]) >= 60:
+        words += f" (Slurm: {_clock(f['slurm_start'])})"
+    alt = f.get("alt") or {}
+    if alt:
+        name, finish = min(alt.items(), key=lambda kv: kv[1])
+        words += f"; {name} would finish ~{_clock(finish)}"
+    return words
+
+
+def prediction_errors(jobs: list[JobEntry]) -> dict[str, dict[str, Any]]:
+    """Per cluster, over the jobs that started where they were placed: median absolute error of
+    the predicted start, of Slurm's own estimate (where it gave one) and of the run time (s)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for job in jobs:
+        plan = job.planned
+        if not plan or job.started_at is None or plan.get("cluster") != job.cluster:
+            continue
+        row = rows.setdefault(job.cluster, {"start": [], "slurm": [], "run": []})
+        row["start"].append(abs(job.started_at - plan["start"]))
+        if plan.get("slurm_start"):
+            row["slurm"].append(abs(job.started_at - plan["slurm_start"]))
+        if plan.get("run_s") is not None and job.ended_at and job.state == "COMPLETED":
+            row["run"].append(abs(job.ended_at - job.started_at - plan["run_s"]))
+    return {
+        name: {"jobs": len(row["start"]),
+               **{f"{k}_error_s": statistics.median(v) if v else None for k, v in row.items()}}
+        for name, row in sorted(rows.items())
+    }  # fmt: skip

@@ -1,0 +1,184 @@
+"""Where each job finishes first (`hydra.launcher.placement=time_to_result`): a predicted finish
+per cluster, predicted start + predicted run time, and the placements and moves that follow.
+
+Start: now where the cluster has room; else Slurm's own estimate (`sbatch --test-only` for a job
+not yet submitted, `squeue --start` for one pending) scaled by how Slurm's estimates compared
+with the starts this sweep saw on that cluster: Slurm assumes every running job runs to its time
+limit, and people ask for more time than they use, so its estimates come out late.
+
+Run time: a job's size over a cluster's speed. A trainer job's size is its training FLOPs per GPU
+(`compose.JobConfig.work_flops`); another app's is `expected_run_s` on an H100 node, or, without
+that, one job. A cluster's speed is what this sweep's finished jobs achieved there; before any
+finished there, the GPU table's figure (`lingua_sweep.gpus`, or the cluster's
+`model_flops_per_s`), scaled by how the sweep's jobs compared with the table elsewhere.
+
+Pure functions and small classes over plain numbers: the dispatcher does the I/O.
+"""
+
+import heapq
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lingua_sweep.config import ClusterConfig
+from lingua_sweep.gpus import gpu_spec
+
+# Finishes within 5% of each other are alike: the team's priority order decides.
+TIE = 0.05
+# A pending job moves only where it finishes this much sooner (of its predicted finish here), so
+# that jobs do not bounce between queues on noisy estimates.
+MOVE_GAIN = 0.25
+MIN_SAMPLES = 3  # starts seen on a cluster before they correct Slurm's estimates there
+RECENT = 50  # the latest observations count: queues and nodes change over a day
+REFERENCE_GPU = "H100"  # what `expected_run_s` is measured on
+BIAS_RANGE = (0.05, 4.0)  # how far Slurm's estimates are corrected, at most
+
+
+def table_flops(cluster: ClusterConfig) -> float | None:
+    """The FLOP/s per GPU the trainer achieves on this cluster, from its config or GPU type."""
+    if cluster.model_flops_per_s:
+        return cluster.model_flops_per_s
+    spec = gpu_spec(cluster.gpu_type)
+    return spec.model_flops_per_s if spec else None
+
+
+def job_size(work_flops: float | None, expected_run_s: float | None) -> tuple[float, bool]:
+    """(size, in FLOPs?): a trainer job's FLOPs per GPU, an app's expected H100 seconds as
+    FLOPs, or one job (sizes then compare only through what clusters were seen to do)."""
+    if work_flops:
+        return work_flops, True
+    if expected_run_s:
+        return expected_run_s * gpu_spec(REFERENCE_GPU).model_flops_per_s, True
+    return 1.0, False
+
+
+@dataclass
+class Observed:
+    """What this sweep has seen on each cluster: speeds (size per second of run) and how late
+    Slurm's start estimates were (actual wait / estimated wait)."""
+
+    speeds: dict[str, list[float]] = field(default_factory=dict)
+    bias: dict[str, list[float]] = field(default_factory=dict)
+
+    def add_run(self, cluster: str, size: float, run_s: float) -> None:
+        if run_s > 0:
+            self.speeds.setdefault(cluster, []).append(size / run_s)
+
+    def add_start(self, cluster: str, asked_at: float, slurm_start: float, started: float):
+        estimated = slurm_start - asked_at
+        if estimated > 1.0:  # an estimate of "now" says nothing about Slurm's lateness
+            self.bias.setdefault(cluster, []).append(max(started - asked_at, 0.0) / estimated)
+
+    def speed(self, cluster: str) -> float | None:
+        seen = self.speeds.get(cluster, [])[-RECENT:]
+        return statistics.median(seen) if len(seen) >= 1 else None
+
+    def correction(self, cluster: str) -> float:
+        seen = self.bias.get(cluster, [])[-RECENT:]
+        if len(seen) < MIN_SAMPLES:
+            return 1.0
+        return min(max(statistics.median(seen), BIAS_RANGE[0]), BIAS_RANGE[1])
+
+
+def run_seconds(
+    size: float, in_flops: bool, cluster: str, observed: Observed, table: Mapping[str, float | None]
+) -> float | None:
+    """A job's predicted run time on a cluster; None when nothing is known of it there."""
+    seen = observed.speed(cluster)
+    if seen:
+        return size / seen
+    flops = table.get(cluster)
+    if not flops:
+        return None
+    # The sweep's own jobs against the table where they ran: a model smaller than the default
+    # preset, another MFU, a slower filesystem.
+    ratios = [s / table[c] for c in observed.speeds if table.get(c) and (s := observed.speed(c))]
+    if ratios:
+        return size / (flops * statistics.median(ratios))
+    return size / flops if in_flops else None
+
+
+@dataclass(kw_only=True)
+class Outlook:
+    """One cluster, as placement sees it now (times in seconds from now)."""
+
+    name: str
+    room: int  # jobs that start now
+    next_start_s: float | None  # when the next job beyond `room` starts (corrected); None: unknown
+    run_s: float | None  # a job's predicted run time there
+    frees_s: list[float] = field(default_factory=list)  # when each of our jobs there ends
+
+
+@dataclass(frozen=True)
+class Choice:
+    cluster: str | None
+    start_s: float
+    finish_s: float
+    alternatives: dict[str, float]  # other cluster -> predicted finish there (s from now)
+
+
+class Plan:
+    """List scheduling over every cluster's predicted free slots: each job takes the slot that
+    finishes it first; ties go to the earlier cluster in priority order."""
+
+    def __init__(self, outlooks: Sequence[Outlook]):
+        self.order = [o.name for o in outlooks]
+        self.run = {o.name: o.run_s for o in outlooks}
+        known = [r for r in self.run.values() if r is not None]
+        # A cluster with no speed known at all is taken to be as slow as the slowest known one.
+        self.fallback_run = max(known) if known else 0.0
+        self.slots: dict[str, list[float]] = {}
+        for o in outlooks:
+            slots = [0.0] * max(o.room, 0) + list(o.frees_s)
+            if o.next_start_s is not None:
+                slots.append(max(o.next_start_s, 0.0))
+            heapq.heapify(slots)
+            self.slots[o.name] = slots
+
+    def _run(self, name: str) -> float:
+        run = self.run[name]
+        return self.fallback_run if run is None else run
+
+    def finishes(self, among: Iterable[str] | None = None) -> dict[str, tuple[float, float]]:
+        """cluster -> (start, finish) of its next free slot."""
+        names = self.order if among is None else [n for n in self.order if n in set(among)]
+        return {n: (self.slots[n][0], self.slots[n][0] + self._run(n))
+                for n in names if self.slots[n]}  # fmt: skip
+
+    def best(self, among: Iterable[str] | None = None) -> Choice:
+        options = self.finishes(among)
+        if not options:
+            return Choice(None, math.inf, math.inf, {})
+        fastest = min(finish for _, finish in options.values())
+        name = next(n for n, (_, finish) in options.items() if finish <= fastest * (1 + TIE))
+        start, finish = options[name]
+        others = {n: round(f, 1) for n, (_, f) in options.items() if n != name}
+        return Choice(name, start, finish, others)
+
+    def take(self, name: str) -> None:
+        start = heapq.heappop(self.slots[name])
+        heapq.heappush(self.slots[name], start + self._run(name))
+
+
+def place(n_jobs: int, plan: Plan) -> list[Choice]:
+    """Where each of n queued jobs (in order) finishes first."""
+    out = []
+    for _ in range(n_jobs):
+        choice = plan.best()
+        if choice.cluster is not None:
+            plan.take(choice.cluster)
+        out.append(choice)
+    return out
+
+
+def better_elsewhere(here_finish_s: float, plan: Plan, others: Iterable[str], *,
+                     min_gain_s: float) -> Choice | None:  # fmt: skip
+    """Where a job pending here would finish sooner by the move margin, or None."""
+    choice = plan.best(others)
+    if choice.cluster is None or not math.isfinite(here_finish_s):
+        return None
+    gain = here_finish_s - choice.finish_s
+    if gain >= max(MOVE_GAIN * here_finish_s, min_gain_s):
+        return choice
+    return None

@@ -1,0 +1,184 @@
+"""Time-to-result placement: the rule (earliest predicted finish, priority on ties, moves only
+for a clear gain), its inputs (run times from the GPU table and from what the sweep saw, Slurm's
+estimates corrected by how late they were) and, on simulated clusters, the launcher using it."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lingua_sweep.config import ClusterConfig
+from lingua_sweep.sweep import forecast
+from lingua_sweep.sweep import placement as pl
+from lingua_sweep.sweep.journal import JobEntry, Journal, replay
+from lingua_sweep.sweep.simulator import SimCluster, SimJob, SimSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def outlook(name, *, room=0, start=None, run=None, frees=()):
+    return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=list(frees))
+
+
+def test_a_job_goes_where_it_finishes_first_not_where_it_starts_first():
+    plan = pl.Plan([
+        outlook("research-secure", start=600, run=700),  # busy: starts in 10 min
+        outlook("sphinx", room=1, run=1050),  # free now, A100s: 1.5x slower
+        outlook("miso", start=100, run=580),  # a short wait, H200s
+    ])  # fmt: skip
+    choice = plan.best()
+    assert choice.cluster == "miso" and (choice.start_s, choice.finish_s) == (100, 680)
+    assert choice.alternatives == {"research-secure": 1300, "sphinx": 1050}
+
+
+def test_alike_finishes_go_to_the_preferred_cluster():
+    plan = pl.Plan([outlook("first", room=1, run=700), outlook("second", room=1, run=680)])
+    assert plan.best().cluster == "first"  # 3% apart: the team's priority decides
+    plan = pl.Plan([outlook("first", room=1, run=700), outlook("second", room=1, run=600)])
+    assert plan.best().cluster == "second"
+
+
+def test_placing_many_jobs_uses_each_slot_once():
+    plan = pl.Plan([outlook("a", room=1, run=100), outlook("b", start=50, run=100)])
+    choices = pl.place(4, plan)
+    assert [(c.cluster, c.start_s, c.finish_s) for c in choices] == [
+        ("a", 0, 100), ("b", 50, 150), ("a", 100, 200), ("b", 150, 250),
+    ]  # fmt: skip
+
+
+def test_our_own_jobs_ends_are_slots_and_nothing_known_is_no_choice():
+    plan = pl.Plan([outlook("a", run=100, frees=[30, 80])])
+    assert [c.start_s for c in pl.place(3, plan)] == [30, 80, 130]
+    empty = pl.Plan([outlook("a", run=100)])  # no room, no estimate, none of ours there
+    assert empty.best().cluster is None
+
+
+def test_a_pending_job_moves_only_for_a_clear_gain():
+    plan = pl.Plan([outlook("b", room=1, run=700)])
+    assert pl.better_elsewhere(800, plan, ["b"], min_gain_s=60) is None  # 12% sooner: stays
+    assert pl.better_elsewhere(1000, plan, ["b"], min_gain_s=60).cluster == "b"  # 30%
+    assert pl.better_elsewhere(1000, plan, ["b"], min_gain_s=400) is None  # below the floor
+
+
+def test_run_times_come_from_the_gpu_table_then_from_what_the_sweep_saw():
+    h100 = ClusterConfig(name="h", gpu_type="H100", data_root="/d", output_root="/o")
+    a100 = ClusterConfig(name="a", gpu_type="A100", data_root="/d", output_root="/o")
+    cpu = ClusterConfig(name="c", data_root="/d", output_root="/o")
+    table = {c.name: pl.table_flops(c) for c in (h100, a100, cpu)}
+    assert table["c"] is None and table["h"] / table["a"] == pytest.approx(1.5, rel=0.02)
+    size, in_flops = pl.job_size(140e12 * 700, None)  # the default preset's 4,000 steps
+    seen = pl.Observed()
+    assert pl.run_seconds(size, in_flops, "h", seen, table) == pytest.approx(700)
+    assert pl.run_seconds(size, in_flops, "c", seen, table) is None
+    # The sweep's jobs ran twice as slow as the table on the H100s: the A100s are judged so too.
+    seen.add_run("h", size, 1400)
+    assert pl.run_seconds(size, in_flops, "h", seen, table) == pytest.approx(1400)
+    assert pl.run_seconds(size, in_flops, "a", seen, table) == pytest.approx(2100, rel=0.02)
+    # An app that is not the trainer: its H100 seconds, or nothing until a job has run.
+    assert pl.job_size(None, 60.0) == (60.0 * 140e12, True)
+    unit, in_flops = pl.job_size(None, None)
+    assert pl.run_seconds(unit, in_flops, "h", pl.Observed(), table) is None
+
+
+def test_slurm_estimates_are_corrected_by_how_late_they_were_after_three_starts():
+    seen = pl.Observed()
+    seen.add_start("a", asked_at=0, slurm_start=1000, started=400)
+    seen.add_start("a", asked_at=0, slurm_start=500, started=250)
+    assert seen.correction("a") == 1.0  # two are not enough
+    seen.add_start("a", asked_at=100, slurm_start=1100, started=400)
+    assert seen.correction("a") == pytest.approx(0.4)  # median of 0.4, 0.5, 0.3
+    seen.add_start("a", asked_at=0, slurm_start=0.5, started=300)  # "now" says nothing
+    assert seen.correction("a") == pytest.approx(0.4)
+
+
+def test_slurm_estimates_assume_every_job_runs_to_its_limit():
+    sim = SimCluster("sim", SimSpec(nodes=1, gpus_per_node=8, speed=1.0))
+    with sim.lock:
+        busy = SimJob(id="1", name="other", user="other", gpus=8, cpus=1, nodes=1,
+                      duration=5.0, submitted=0.0, time_limit=3600.0)  # fmt: skip
+        sim._enqueue(busy)
+        sim.advance()
+    start = sim.estimate({"nodes": 1, "gpus_per_node": 8, "time": 10})
+    assert start == pytest.approx(time.time() + 3600, abs=5)  # it ends in 5 s
+
+
+def test_the_journal_keeps_each_prediction_and_the_one_a_placement_used():
+    records = [
+        {"kind": "job", "t": 0, "index": 0, "overrides": [], "config_hash": "h"},
+        {"kind": "forecast", "t": 1, "indices": [0], "jobs": {"0": {
+            "cluster": "a", "at": 1, "start": 50, "slurm_start": 90, "run_s": 100,
+            "alt": {"b": 300}, "planned": True}}},
+        {"kind": "forecast", "t": 2, "index": 0, "jobs": {"0": {
+            "cluster": "a", "at": 2, "start": 40, "slurm_start": 70}}},
+    ]  # fmt: skip
+    job = replay(records).jobs[0]
+    assert job.planned["start"] == 50 and job.forecast["start"] == 40
+    moved = [*records, {"kind": "moved", "t": 3, "index": 0, "to": "b"}]
+    assert replay(moved).jobs[0].planned is None  # a prediction for `a` says nothing of `b`
+
+
+def test_prediction_errors_per_cluster_against_slurms_own():
+    def ran(cluster, started, ended, planned):
+        return JobEntry(index=0, overrides=[], config_hash="h", state="COMPLETED",
+                        cluster=cluster, started_at=started, ended_at=ended,
+                        planned=planned)  # fmt: skip
+
+    jobs = [
+        ran("a", 100, 200, {"cluster": "a", "start": 110, "slurm_start": 400, "run_s": 90}),
+        ran("a", 300, 400, {"cluster": "a", "start": 280, "slurm_start": 700, "run_s": 100}),
+        ran("b", 0, 50, {"cluster": "a", "start": 0, "run_s": 10}),  # moved: not scored
+    ]
+    assert forecast.prediction_errors(jobs) == {
+        "a": {"jobs": 2, "start_error_s": 15, "slurm_error_s": 350, "run_error_s": 5}
+    }
+
+
+def write_clusters(conf: Path, root: Path, shapes: dict) -> None:
+    (conf / "cluster").mkdir(parents=True, exist_ok=True)
+    for name, (priority, flops, duration) in shapes.items():
+        spec = {"nodes": 2, "gpus_per_node": 8, "duration_s": duration, "duration_sigma": 0.0,
+                "speed": 100.0}  # fmt: skip
+        cluster = {"name": name, "gpus_per_node": 8, "priority": priority, "simulated": spec,
+                   "model_flops_per_s": flops, "data_root": str(root),
+                   "output_root": str(root)}  # fmt: skip
+        (conf / "cluster" / f"{name}.yaml").write_text(yaml.safe_dump(cluster))
+
+
+@pytest.mark.parametrize("placement", ["time_to_result", "priority"])
+def test_the_launcher_sends_a_job_where_it_finishes_first(tmp_path, placement):
+    """Two free simulated clusters: the preferred one 3x slower. Time-to-result sends both
+    jobs to the faster; `placement=priority` keeps the old rule (first with room)."""
+    h100 = 140e12  # `expected_run_s` is measured on an H100
+    write_clusters(tmp_path / "conf", tmp_path, {
+        "slow": (1, h100 / 3, 300.0),  # 3 real seconds at the simulation's speed
+        "fast": (2, h100, 100.0),
+    })  # fmt: skip
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    out = subprocess.run([
+        sys.executable, str(REPO / "tests" / "apps" / "rank_app.py"), "-m", "value=1,2",
+        "hydra/launcher=multicluster", "hydra.launcher.clusters=[slow,fast]",
+        f"hydra.launcher.placement={placement}", "hydra.launcher.expected_run_s=1",
+        "hydra.launcher.poll_interval_s=0.2", "hydra.launcher.live=false",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.sweep.dir={sweep}",
+    ], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = Journal(sweep).replay().jobs.values()
+    assert all(j.state == "COMPLETED" for j in jobs)
+    if placement == "priority":
+        assert {j.cluster for j in jobs} == {"slow"} and all(j.planned is None for j in jobs)
+        return
+    assert {j.cluster for j in jobs} == {"fast"}
+    for j in jobs:  # the prediction it was placed on, with the alternative it beat
+        assert j.planned["cluster"] == "fast" and j.planned["run_s"] == pytest.approx(1.0)
+        assert j.planned["alt"]["slow"] - j.planned["at"] == pytest.approx(3.0, abs=0.2)
+    cli = str(Path(sys.executable).with_name("lingua-sweep"))
+    res = subprocess.run([cli, "results", str(sweep), "--format", "md"], capture_output=True,
+                         text=True)  # fmt: skip
+    assert "prediction error" in res.stdout and "| fast | 2 |" in res.stdout, res.stdout
+    json.dumps([j.planned for j in jobs])  # journaled as plain JSON
