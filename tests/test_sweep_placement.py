@@ -21,8 +21,9 @@ from lingua_sweep.sweep.simulator import SimCluster, SimJob, SimSpec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def outlook(name, *, room=0, start=None, run=None, frees=()):
-    return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=list(frees))
+def outlook(name, *, room=0, start=None, run=None, frees=(), pending=()):
+    return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=list(frees),
+                      pending_s=list(pending))  # fmt: skip
 
 
 def test_a_job_goes_where_it_finishes_first_not_where_it_starts_first():
@@ -182,3 +183,11 @@ def test_the_launcher_sends_a_job_where_it_finishes_first(tmp_path, placement):
                          text=True)  # fmt: skip
     assert "prediction error" in res.stdout and "| fast | 2 |" in res.stdout, res.stdout
     json.dumps([j.planned for j in jobs])  # journaled as plain JSON
+
+
+def test_our_jobs_held_by_our_limit_wait_for_our_own_slots():
+    # Two of ours run (ending in 100 and 300 s); two wait behind our limit, one with Slurm's
+    # word (start at 50). The next new job there starts when the held one's slot frees.
+    plan = pl.Plan([outlook("a", run=200, frees=[100, 300], pending=[None, 50])])
+    assert plan.pending_starts["a"] == [100, 50]
+    assert plan.best().start_s == 250  # 50 + 200: the slot Slurm's estimate opens, then ends

@@ -267,3 +267,51 @@ def test_arrays_are_split_to_fit_max_array_size(tmp_path, testbed):
     assert [r for r in records if r["kind"] == "unsubmitted"] == []
     assert [r["status"] for r in results_rows(sweep_dir)] == ["COMPLETED"] * 7
     check_sweep(sweep_dir)
+
+
+def test_a_job_waits_for_the_busy_fast_cluster_when_it_finishes_there_first(tmp_path, testbed):
+    """alpha is busy with another user's jobs that asked for one minute, so Slurm says it frees
+    in ~60 s; beta is free but marked 20x slower (200 s for this job against alpha's 10). The
+    job queues on alpha, starts about when Slurm said, and the prediction is recorded and
+    scored (`placement=priority` would have sent it to beta at once)."""
+    sweep_dir = tmp_path / "sweep"
+    h100 = 140e12  # expected_run_s is measured on an H100
+    conf = conf_with(testbed, tmp_path / "conf", "alpha", model_flops_per_s=h100)
+    beta = conf / "cluster" / "beta.yaml"
+    beta.write_text(yaml.safe_dump({**yaml.safe_load(beta.read_text()),
+                                    "model_flops_per_s": h100 / 20}))  # fmt: skip
+    holds = []
+    try:
+        for _ in range(2):  # both of alpha's batch nodes, each for its one-minute limit
+            out = slurm(testbed, "alpha", "sbatch", "--parsable", "-p", "batch", "-N1", "--time=1",
+                        "--exclusive", "--output=/dev/null", "--wrap", "sleep 600")  # fmt: skip
+            holds.append(out.strip().split(";")[0])
+        states = ["squeue", "-h", "-j", ",".join(holds), "-o", "%T"]
+        wait_for(lambda: slurm(testbed, "alpha", *states).split() == ["RUNNING"] * 2, 30,
+                 "alpha held")  # fmt: skip
+        cmd = app_cmd(testbed, sweep_dir, conf, "value=1", "sleep_s=10",
+                      "hydra.launcher.clusters=[alpha,beta]", "hydra.launcher.expected_run_s=10",
+                      f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}")  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True,
+                              text=True, timeout=240)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        cancel_leftovers(testbed, sweep_dir)
+        if holds:
+            slurm(testbed, "alpha", "scancel", *holds, check=False)
+    [job] = status_json(sweep_dir)["jobs"]
+    assert job["cluster"] == "alpha" and job["state"] == "COMPLETED", job
+    [planned] = [r["jobs"]["0"] for r in journal_records(sweep_dir)
+                 if r["kind"] == "forecast" and r["jobs"].get("0", {}).get("planned")]  # fmt: skip
+    assert planned["cluster"] == "alpha" and planned["slurm_start"] > planned["at"] + 30
+    assert planned["alt"]["beta"] - planned["at"] == pytest.approx(200, abs=5)
+    started = next(r["t"] for r in journal_records(sweep_dir)
+                   if r["kind"] == "state" and r["state"] == "RUNNING")  # fmt: skip
+    # slurmctld enforces time limits every 30 s: the holds end up to that late.
+    assert abs(started - planned["start"]) < 45, (started, planned)
+    ended = next(r["t"] for r in journal_records(sweep_dir) if r["kind"] == "result")
+    assert ended < planned["alt"]["beta"]  # it did finish before it would have on beta
+    res = subprocess.run([LINGUA_SWEEP, "results", str(sweep_dir), "--format", "md"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert "prediction error" in res and "| alpha | 1 |" in res, res
+    check_sweep(sweep_dir)

@@ -299,6 +299,8 @@ class Dispatcher:
             else:  # one process each: a kill between two of them loses nothing
                 for job in share:
                     c.submit(c.links[name], [job])
+        if c.p.placement == "time_to_result":
+            self.forecaster.journal_placed()
 
     def _local_ok(self, reachable: list[str]) -> bool:
         """Whether jobs may run on this machine now: when no Slurm cluster is reachable, and

@@ -13,7 +13,7 @@ from concurrent.futures import wait as wait_for
 from typing import Any
 
 from lingua_sweep.sweep import placement as pl
-from lingua_sweep.sweep.journal import JobEntry
+from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 
 log = logging.getLogger(__name__)
 TEST_ONLY_NAME = "lingua-sweep-test-only"
@@ -31,6 +31,7 @@ class Forecaster:
         self.observed = pl.Observed()
         self._counted: set[tuple[int, str]] = set()  # (job, "run"/"start") already observed
         self._table: dict[str, float | None] | None = None  # cluster -> the GPU table's FLOP/s
+        self.placed: dict[int, dict[str, Any]] = {}  # job -> prediction, until it is submitted
 
     # --- Slurm's estimates ---------------------------------------------------------------------
 
@@ -111,16 +112,21 @@ class Forecaster:
         if not limited and self.estimates.get(name, (None,))[0] is not None:
             epoch, asked = self.estimates[name]
             start = self.corrected(name, epoch, asked) - now
-        frees = []
+        frees, pending = [], []
         if run is not None:
-            for job in self.c.open_jobs():
-                if job.cluster != name or job.stopping:
-                    continue
+            for job in self._ours(name):
                 if job.started_at is not None:
                     frees.append(max(run - (now - job.started_at), 0.0))
-                elif (expected := self.pending_start(job)) is not None:
-                    frees.append(max(expected - now, 0.0) + run)
-        return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees)
+                else:
+                    expected = self.pending_start(job)
+                    pending.append(None if expected is None else expected - now)
+        return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees,
+                          pending_s=pending)  # fmt: skip
+
+    def _ours(self, name: str) -> list[JobEntry]:
+        """Our jobs on a cluster that hold or will hold a slot there, in queue order."""
+        return [j for j in self.c.open_jobs()
+                if j.cluster == name and not j.stopping and j.state != SUBMITTING]  # fmt: skip
 
     def pending_start(self, job: JobEntry) -> float | None:
         """When a job pending in a queue is expected to start (epoch, corrected)."""
@@ -131,7 +137,8 @@ class Forecaster:
 
     def place(self, queued: list[JobEntry], rooms: dict[str, int], order: list[str],
               queue_on: str | None) -> list[str | None]:  # fmt: skip
-        """The cluster for each queued job (None: wait here), and each placement journaled."""
+        """The cluster for each queued job (None: wait here); the predictions behind them wait
+        in `self.placed` until `journal_placed` records those of jobs that were submitted."""
         c, now = self.c, time.time()
         self.learn()
         self.await_first([n for n in order if rooms.get(n, 0) == 0], c.p.probe_timeout_s or 10)
@@ -145,10 +152,20 @@ class Forecaster:
                 target = None  # no room anywhere now: wait here, as `wait` says
             targets.append(target)
             if target is not None:
-                forecasts[str(job.index)] = self._forecast(target, choice, now, planned=True)
-        if forecasts:
-            c.record("forecast", indices=[int(i) for i in forecasts], jobs=forecasts)
+                forecasts[job.index] = self._forecast(target, choice, now, planned=True)
+        self.placed = forecasts
         return targets
+
+    def journal_placed(self) -> None:
+        """The predictions of the jobs the last placement sent off (its intents are journaled);
+        the others are placed again next cycle."""
+        c = self.c
+        jobs = c.state.jobs
+        sent = {str(i): f for i, f in self.placed.items()
+                if jobs[i].state == SUBMITTING and jobs[i].cluster == f["cluster"]}  # fmt: skip
+        self.placed = {}
+        if sent:
+            c.record("forecast", indices=[int(i) for i in sent], jobs=sent)
 
     def _forecast(self, cluster: str, choice: pl.Choice, now: float, *, planned: bool,
                   slurm_start: float | None = None) -> dict[str, Any]:  # fmt: skip
@@ -173,15 +190,22 @@ class Forecaster:
         if not candidates:
             return []
         self.ask([n for n in names if rooms.get(n, 0) == 0])
+        here_names = {j.cluster for j in candidates}
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), candidates[0].index, now)
-                        for n in names])  # fmt: skip
+                        for n in dict.fromkeys([*names, *here_names])])  # fmt: skip
+        # Each waiting job's start as the plan sees its cluster's queue (Slurm's, or its turn
+        # behind our own jobs there).
+        expected = {}
+        for name in here_names:
+            waiting = [j for j in self._ours(name) if j.started_at is None]
+            starts = plan.pending_starts[name]  # empty where no run time is known
+            expected.update({j.index: s for j, s in zip(waiting, starts, strict=False)})
         out = []
         for job in candidates:
-            start = self.pending_start(job)
             run = self.run_s(job.index, job.cluster)
-            if start is None or run is None:
+            if run is None or job.index not in expected:
                 continue
-            here = max(start - now, 0.0) + run
+            here = expected[job.index] + run
             others = [n for n in names if n != job.cluster]
             choice = pl.better_elsewhere(here, plan, others,
                                          min_gain_s=2 * c.p.probe_every_s)  # fmt: skip

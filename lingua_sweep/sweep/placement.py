@@ -107,7 +107,10 @@ class Outlook:
     room: int  # jobs that start now
     next_start_s: float | None  # when the next job beyond `room` starts (corrected); None: unknown
     run_s: float | None  # a job's predicted run time there
-    frees_s: list[float] = field(default_factory=list)  # when each of our jobs there ends
+    frees_s: list[float] = field(default_factory=list)  # when each of our running jobs ends
+    # Our jobs waiting in its queue, in order: when Slurm says each starts, or None where it
+    # gives no estimate (held by our own limit): those start as our jobs there end.
+    pending_s: list[float | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -129,12 +132,23 @@ class Plan:
         # A cluster with no speed known at all is taken to be as slow as the slowest known one.
         self.fallback_run = max(known) if known else 0.0
         self.slots: dict[str, list[float]] = {}
+        self.pending_starts: dict[str, list[float]] = {}  # cluster -> its waiting jobs' starts
         for o in outlooks:
             slots = [0.0] * max(o.room, 0) + list(o.frees_s)
             if o.next_start_s is not None:
                 slots.append(max(o.next_start_s, 0.0))
             heapq.heapify(slots)
             self.slots[o.name] = slots
+            starts = self.pending_starts[o.name] = []
+            for start in o.pending_s:
+                if start is not None:  # nodes others free: a slot of its own, ours after it
+                    starts.append(max(start, 0.0))
+                    heapq.heappush(slots, starts[-1] + self._run(o.name))
+                elif slots:  # behind our own limit: the next of our slots there
+                    starts.append(slots[0])
+                    self.take(o.name)
+                else:
+                    starts.append(math.inf)
 
     def _run(self, name: str) -> float:
         run = self.run[name]
