@@ -191,3 +191,15 @@ def test_our_jobs_held_by_our_limit_wait_for_our_own_slots():
     plan = pl.Plan([outlook("a", run=200, frees=[100, 300], pending=[None, 50])])
     assert plan.pending_starts["a"] == [100, 50]
     assert plan.best().start_s == 250  # 50 + 200: the slot Slurm's estimate opens, then ends
+
+
+def test_a_waiting_job_says_when_it_should_start_and_where_else_it_could_go():
+    from lingua_sweep.sweep.monitor import waiting_words
+
+    at = time.mktime((2026, 12, 2, 14, 0, 0, 0, 0, -1))
+    job = JobEntry(index=0, overrides=[], config_hash="h", state="PENDING", cluster="a",
+                   reason="Resources", forecast={"cluster": "a", "at": at, "start": at + 300,
+                   "slurm_start": at + 900, "alt": {"b": at + 1500, "c": at + 1200}})  # fmt: skip
+    assert waiting_words(job) == (
+        "waiting for free nodes (Resources); starts ~14:05 (Slurm: 14:15); c would finish ~14:20"
+    )

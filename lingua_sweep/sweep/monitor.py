@@ -17,7 +17,8 @@ from rich.table import Table
 
 from lingua_sweep.results_table import fmt_override
 from lingua_sweep.sweep import layout
-from lingua_sweep.sweep.journal import FINAL
+from lingua_sweep.sweep.forecast import pending_note
+from lingua_sweep.sweep.journal import FINAL, JobEntry
 from lingua_sweep.sweep.states import pending_words
 from lingua_sweep.sweep.tails import Tail, progress
 
@@ -107,8 +108,15 @@ def job_row(job, shared, sweep_dir, live, totals, ended, now) -> Row:
         total=totals.get(job.index),
         loss=loss,
         elapsed_s=end - job.started_at if job.started_at else None,
-        note=(job.result or {}).get("error") or pending_words(job.reason),
+        note=(job.result or {}).get("error") or waiting_words(job),
     )
+
+
+def waiting_words(job: JobEntry, reason: str | None = None) -> str | None:
+    """Why a job waits (Slurm's `reason`, by default the journal's) and, under time-to-result
+    placement, when it should start and where else it could have gone."""
+    words = [w for w in (pending_words(reason or job.reason), pending_note(job)) if w]
+    return "; ".join(words) or None
 
 
 def render(rows: list[Row], *, title: str, clusters_note: str = "") -> Table:

@@ -17,9 +17,9 @@ from lingua_sweep.errors import UserError
 from lingua_sweep.sweep import layout, remote
 from lingua_sweep.sweep.controller import Controller
 from lingua_sweep.sweep.journal import Journal
-from lingua_sweep.sweep.monitor import job_rows, render, shown_jobs, totals_text
+from lingua_sweep.sweep.monitor import job_rows, render, shown_jobs, totals_text, waiting_words
 from lingua_sweep.sweep.params import LauncherParams
-from lingua_sweep.sweep.states import FINAL, pending_words
+from lingua_sweep.sweep.states import FINAL
 from lingua_sweep.sweep.tails import Tail
 
 
@@ -79,7 +79,7 @@ def status(sweep_dir: str, *, as_json: bool, offline: bool, out=None) -> int:
         if row.index in live_states and row.state not in FINAL:
             row.state, reason = live_states[row.index]
             if row.state == "PENDING" and reason:
-                row.note = pending_words(reason)
+                row.note = waiting_words(state.jobs[row.index], reason)
     if as_json:
         payload = {
             "sweep_dir": str(controller.sweep_dir),
