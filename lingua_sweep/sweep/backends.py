@@ -1,5 +1,5 @@
 """One protocol for talking to a cluster, two ways to do it (and a simulated cluster,
-`simulator.SimBackend`, for benchmarks).
+`sim_backend.SimBackend`, for benchmarks).
 
 `LocalBackend`: the `local` cluster (no Slurm): jobs are processes on this machine, started and
 watched in this process. `AgentBackend`: a Slurm cluster. Everything goes through `python -m
@@ -264,7 +264,7 @@ def make_backend(
     cluster: ClusterConfig, *, here: ClusterConfig | None, code_root: Path, timeout_s: float
 ) -> Backend:
     if cluster.simulated is not None:
-        from lingua_sweep.sweep.simulator import SimBackend
+        from lingua_sweep.sweep.sim_backend import SimBackend
 
         return SimBackend(cluster)
     if not cluster.slurm:

@@ -186,14 +186,14 @@ def write_profile(controller: Controller) -> None:
         return
     import resource
 
-    from lingua_sweep.sweep import simulator
+    from lingua_sweep.sweep import sim_backend
 
     cpu_s = time.process_time() - controller.cpu_start  # composing, the loop, its threads
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(path).write_text(json.dumps({"cycle_s": controller.cycle_s, "launch_cpu_s": cpu_s,
                                       "peak_rss_mb": peak_mb,
                                       "polls": controller.watcher.polls,
-                                      "simulated": simulator.report()}))  # fmt: skip
+                                      "simulated": sim_backend.report()}))  # fmt: skip
 
 
 def cancel_on_ctrl_c(controller: Controller, monitor: Monitor, settle=None) -> NoReturn:

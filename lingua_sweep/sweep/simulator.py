@@ -4,8 +4,8 @@ and compare placement policies, with no Slurm and no GPU.
 A cluster is `simulated:` in its config (the fields of `SimSpec`); `make_backend` then hands the
 controller a `SimBackend`, and the controller drives it exactly as it drives a real cluster:
 probe, fenced submissions of arrays, polls with pending reasons, scancels, limits. One
-`SimCluster` per cluster name lives in the process (`cluster_for`), so `status` and a second
-controller in the same process see the same queue.
+`SimCluster` per cluster name lives in the process (`sim_backend.cluster_for`), so a second
+controller in the same process sees the same queue.
 
 The model: nodes with GPUs and CPUs; a queue started first-fit in submission order (FIFO with
 backfill, within `backfill_depth` jobs as Slurm's bf_max_job_test); job durations lognormal
@@ -26,12 +26,11 @@ import math
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lingua_sweep.clusters import ClusterStatus, NodeRoom
-from lingua_sweep.config import ClusterConfig
 from lingua_sweep.sweep import job as job_lib
 from lingua_sweep.sweep import layout
 from lingua_sweep.sweep.limits import Limits
@@ -433,69 +432,3 @@ class _CpuClock:
     def __exit__(self, *exc):
         with self.cluster.lock:
             self.cluster.cpu_s += time.thread_time() - self.t
-
-
-_CLUSTERS: dict[str, SimCluster] = {}
-_REGISTRY_LOCK = threading.Lock()
-
-
-def cluster_for(config: ClusterConfig) -> SimCluster:
-    """This process's simulated cluster of that name (made at first use)."""
-    spec = SimSpec(**dict(config.simulated or {}))
-    with _REGISTRY_LOCK:
-        sim = _CLUSTERS.get(config.name)
-        if sim is None or asdict(sim.spec) != asdict(spec):
-            sim = _CLUSTERS[config.name] = SimCluster(config.name, spec)
-        return sim
-
-
-def report() -> dict[str, Any]:
-    """What every simulated cluster of this process did: calls by kind, the simulator's own
-    CPU, the most jobs of ours running at once."""
-    with _REGISTRY_LOCK:
-        sims = list(_CLUSTERS.values())
-    return {
-        s.name: {"calls": s.calls, "cpu_s": round(s.cpu_s, 3), "max_running": s.max_running,
-                 "jobs": sum(1 for j in s.jobs.values() if j.user == "me")}
-        for s in sims
-    }  # fmt: skip
-
-
-class SimBackend:
-    files_here = True
-
-    def __init__(self, cluster: ClusterConfig):
-        self.cluster = cluster
-        self.code: dict[str, Any] = {}
-        self.sim = cluster_for(cluster)
-
-    def prepare(self) -> None:
-        pass
-
-    def submit(self, tasks, *, folder, params, batch, fence):
-        return self.sim.submit(tasks, folder=folder, params=params, batch=batch)
-
-    def resolve(self, batch, fence, *, since=None, cancel=False):
-        return {"ids": self.sim.find(batch, cancel=cancel)}
-
-    def poll(self, request):
-        return self.sim.poll(request)
-
-    def cancel(self, ids):
-        if ids:
-            self.sim.cancel(ids)
-
-    def fetch(self, remote_dir, local_dir):
-        pass
-
-    def missing(self, paths):
-        return []  # a simulated cluster has whatever data it is asked for
-
-    def limits(self, prefix):
-        return self.sim.limits()
-
-    def probe(self, timeout_s: float) -> ClusterStatus:
-        return self.sim.probe()
-
-    def estimate_start(self, params: dict) -> float | None:
-        return self.sim.estimate(params)

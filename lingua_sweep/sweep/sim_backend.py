@@ -1,0 +1,76 @@
+"""A simulated cluster as the controller sees any cluster: `SimBackend` (the Backend protocol of
+`backends.py`) over this process's one `SimCluster` per cluster name, and what they all did.
+"""
+
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from lingua_sweep.clusters import ClusterStatus
+from lingua_sweep.config import ClusterConfig
+from lingua_sweep.sweep.simulator import SimCluster, SimSpec
+
+_CLUSTERS: dict[str, SimCluster] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def cluster_for(config: ClusterConfig) -> SimCluster:
+    """This process's simulated cluster of that name (made at first use)."""
+    spec = SimSpec(**dict(config.simulated or {}))
+    with _REGISTRY_LOCK:
+        sim = _CLUSTERS.get(config.name)
+        if sim is None or asdict(sim.spec) != asdict(spec):
+            sim = _CLUSTERS[config.name] = SimCluster(config.name, spec)
+        return sim
+
+
+def report() -> dict[str, Any]:
+    """What every simulated cluster of this process did: calls by kind, the simulator's own
+    CPU, the most jobs of ours running at once."""
+    with _REGISTRY_LOCK:
+        sims = list(_CLUSTERS.values())
+    return {
+        s.name: {"calls": s.calls, "cpu_s": round(s.cpu_s, 3), "max_running": s.max_running,
+                 "jobs": sum(1 for j in s.jobs.values() if j.user == "me")}
+        for s in sims
+    }  # fmt: skip
+
+
+class SimBackend:
+    files_here = True
+
+    def __init__(self, cluster: ClusterConfig):
+        self.cluster = cluster
+        self.code: dict[str, Any] = {}
+        self.sim = cluster_for(cluster)
+
+    def prepare(self) -> None:
+        pass
+
+    def submit(self, tasks, *, folder, params, batch, fence):
+        return self.sim.submit(tasks, folder=folder, params=params, batch=batch)
+
+    def resolve(self, batch, fence, *, since=None, cancel=False):
+        return {"ids": self.sim.find(batch, cancel=cancel)}
+
+    def poll(self, request):
+        return self.sim.poll(request)
+
+    def cancel(self, ids):
+        if ids:
+            self.sim.cancel(ids)
+
+    def fetch(self, remote_dir, local_dir):
+        pass
+
+    def missing(self, paths):
+        return []  # a simulated cluster has whatever data it is asked for
+
+    def limits(self, prefix):
+        return self.sim.limits()
+
+    def probe(self, timeout_s: float) -> ClusterStatus:
+        return self.sim.probe()
+
+    def estimate_start(self, params: dict) -> float | None:
+        return self.sim.estimate(params)
