@@ -1,20 +1,24 @@
 """Time-to-result placement against the policies before it, on simulated clusters shaped like
 the team's four, under the same background traces.
 
-    python bench/placement.py [--jobs 40] [--seeds 0,1,2] [--speed 60] [--out results/placement.md]
+    python bench/placement.py [--shape limits|partitions] [--jobs 24] [--seeds 0,1,2] [--speed 60]
 
 Runs `train.py -m data.seed=range(0,N)` (the default preset: 4,000 steps, one node of 8 GPUs
 per job) through the real multicluster launcher three times per seed, each against four
-simulated Slurm clusters (lingua_sweep/sweep/simulator.py) with the same other users' traces:
+simulated Slurm clusters (lingua_sweep/sweep/simulator.py) with the same other users' traces,
+in one of two shapes (`--shape`):
 
-| cluster | priority | GPUs | nodes | other users' load | our limit (MaxJobsPerUser) |
-|---|---|---|---|---|---|
-| research-secure-sim | 1 | 8x H100 | 16 | 95% | 4 |
-| mk-turbo-sim | 2 | 8x H100 | 4 | 70% | 1 |
-| sphinx-sim | 3 | 8x A100 (1.5x slower) | 8 | 40% | 2 |
-| miso-sim | 4 | 8x H200 (1.2x faster) | 4 | 60% | 1 |
+| cluster | priority | GPUs | limits: nodes, others' load, our MaxJobsPerUser | partitions |
+|---|---|---|---|---|
+| research-secure-sim | 1 | 8x H100 | 16, 95%, 4 | 4, 60% |
+| mk-turbo-sim | 2 | 8x H100 | 4, 70%, 1 | 1, 50% |
+| sphinx-sim | 3 | 8x A100 (1.5x slower) | 8, 40%, 2 | 2, 30% |
+| miso-sim | 4 | 8x H200 (1.2x faster) | 4, 60%, 1 | 1, 50% |
 
-A job runs ~700 s on an H100 node (the seed's 8xH100 figure), 1.5x that on A100s, 0.83x on
+`limits`: large shared clusters where the user's limit (the spec's max nodes) binds first;
+`partitions`: the spec's node counts as partitions shared with lab mates, no per-user limit,
+so a busy partition's queue (and Slurm's estimate of it) decides (partitions: nodes, others'
+load). A job runs ~700 s on an H100 node (the seed's 8xH100 figure), 1.5x that on A100s, 0.83x on
 H200s (lognormal spread 10%); others ask for 3x their mean run time as a limit, so Slurm's
 estimates are late, as on a real cluster. Policies:
 - `priority-first-idle`: the seed's launch.py: the first cluster in priority order with an idle
@@ -45,11 +49,22 @@ from lingua_sweep.sweep import forecast  # noqa: E402
 from lingua_sweep.sweep.journal import Journal  # noqa: E402
 
 H100_RUN_S = 700.0
-CLUSTERS = {  # name: (priority, gpu type, run-time factor, nodes, load, our limit)
-    "research-secure-sim": (1, "H100", 1.0, 16, 0.95, 4),
-    "mk-turbo-sim": (2, "H100", 1.0, 4, 0.7, 1),
-    "sphinx-sim": (3, "A100", 1.5, 8, 0.4, 2),
-    "miso-sim": (4, "H200", 0.83, 4, 0.6, 1),
+SHAPES = {  # name: (priority, gpu type, run-time factor, nodes, others' load, our job limit)
+    # Large shared clusters where a per-user limit (the spec's max nodes) binds first.
+    "limits": {
+        "research-secure-sim": (1, "H100", 1.0, 16, 0.95, 4),
+        "mk-turbo-sim": (2, "H100", 1.0, 4, 0.7, 1),
+        "sphinx-sim": (3, "A100", 1.5, 8, 0.4, 2),
+        "miso-sim": (4, "H200", 0.83, 4, 0.6, 1),
+    },
+    # The spec's node counts as partitions shared with lab mates, no per-user limit: a busy
+    # partition's queue (and Slurm's estimate of it) is what decides.
+    "partitions": {
+        "research-secure-sim": (1, "H100", 1.0, 4, 0.6, None),
+        "mk-turbo-sim": (2, "H100", 1.0, 1, 0.5, None),
+        "sphinx-sim": (3, "A100", 1.5, 2, 0.3, None),
+        "miso-sim": (4, "H200", 0.83, 1, 0.5, None),
+    },
 }
 POLICIES = {
     "priority-first-idle": [
@@ -62,13 +77,13 @@ POLICIES = {
 GPUS = 8
 
 
-def write_clusters(conf: Path, root: Path, seed: int, speed: float) -> None:
+def write_clusters(conf: Path, root: Path, seed: int, speed: float, shape: str) -> None:
     (conf / "cluster").mkdir(parents=True, exist_ok=True)
     data = root / "data" / "fineweb_edu_10bt_shuffled"  # checked before submitting; never read
     data.mkdir(parents=True, exist_ok=True)
     for name in ("fineweb_edu_10bt.chunk.00.jsonl", "fineweb_edu_10bt.val.jsonl"):
         (data / name).write_text('{"text": "a simulated job reads nothing"}\n')
-    for k, (name, (prio, gpu, factor, nodes, load, limit)) in enumerate(CLUSTERS.items()):
+    for k, (name, (prio, gpu, factor, nodes, load, limit)) in enumerate(SHAPES[shape].items()):
         spec = {"nodes": nodes, "gpus_per_node": GPUS, "cpus_per_node": 64,
                 "duration_s": H100_RUN_S * factor, "duration_sigma": 0.1,
                 "background_load": load, "background_gpus": GPUS,
@@ -85,10 +100,10 @@ def write_clusters(conf: Path, root: Path, seed: int, speed: float) -> None:
         (conf / "cluster" / f"{name}.yaml").write_text(yaml.safe_dump(cluster))
 
 
-def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path) -> dict:
-    conf = tmp / f"conf-{seed}-{policy}"
-    write_clusters(conf, tmp, seed, speed)
-    sweep = tmp / f"sweep-{seed}-{policy}"
+def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path, shape: str) -> dict:
+    conf = tmp / f"conf-{shape}-{seed}-{policy}"
+    write_clusters(conf, tmp, seed, speed, shape)
+    sweep = tmp / f"sweep-{shape}-{seed}-{policy}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
     extra = list(POLICIES[policy])
     if policy == "dispatcher":
@@ -96,7 +111,7 @@ def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path) -> di
     # The launcher's clock is real: its intervals shrink with the simulation's speed-up.
     cmd = [sys.executable, str(REPO / "train.py"), "-m", f"data.seed=range(0,{jobs})",
            "hydra/sweeper=grid", "hydra/launcher=multicluster",
-           f"hydra.launcher.clusters=[{','.join(CLUSTERS)}]",
+           f"hydra.launcher.clusters=[{','.join(SHAPES[shape])}]",
            f"hydra.launcher.poll_interval_s={5 / speed}",
            f"hydra.launcher.probe_every_s={30 / speed}", "hydra.launcher.live=false",
            "hydra.launcher.timeout_min=60", "logging.wandb=null",
@@ -173,20 +188,21 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=40)
+    parser.add_argument("--jobs", type=int, default=24)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--speed", type=float, default=60.0, help="simulated s per real s")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--shape", choices=SHAPES, default="limits")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="lingua_bench_placement_") as tmp:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for policy in args.policies.split(","):
-                row = run_policy(policy, seed, args.jobs, args.speed, Path(tmp))
+                row = run_policy(policy, seed, args.jobs, args.speed, Path(tmp), args.shape)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    text = table(rows)
+    text = f"shape: {args.shape}, {args.jobs} jobs, seeds {args.seeds}\n\n" + table(rows)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -28,6 +28,8 @@ class Forecaster:
         self.in_flight: dict[str, Future] = {}
         self.asked: dict[str, float] = {}  # cluster -> when last asked (monotonic)
         self.slurm_start: dict[int, float] = {}  # job index -> squeue --start, latest poll
+        # job index -> (cluster, when, squeue --start) the first time Slurm gave one
+        self.first_estimate: dict[int, tuple[str, float, float]] = {}
         self.observed = pl.Observed()
         self._started_seen: set[int] = set()  # jobs whose start was observed
         self._done_seen: set[int] = set()  # jobs whose run time was observed
@@ -89,15 +91,12 @@ class Forecaster:
         for index in (by_state.get("RUNNING", set()) | done) - self._started_seen:
             self._started_seen.add(index)
             job = self.c.state.jobs[index]
-            plan = job.planned
-            if (
-                job.started_at is not None
-                and plan
-                and plan.get("slurm_start")
-                and (plan.get("cluster") == job.cluster)
-            ):
-                self.observed.add_start(job.cluster, plan["at"], plan["slurm_start"],
-                                        job.started_at)  # fmt: skip
+            plan = job.planned if (job.planned or {}).get("slurm_start") else None
+            # Slurm's word when the job was placed, else its first `squeue --start` there.
+            first = self.first_estimate.pop(index, None)
+            asked = (plan["cluster"], plan["at"], plan["slurm_start"]) if plan else first
+            if job.started_at is not None and asked and asked[0] == job.cluster:
+                self.observed.add_start(job.cluster, asked[1], asked[2], job.started_at)
         for index in done - self._done_seen:
             self._done_seen.add(index)
             job = self.c.state.jobs[index]
@@ -232,6 +231,7 @@ class Forecaster:
     def note_pending(self, job: JobEntry, slurm_start: float) -> None:
         """A poll's `squeue --start` for a pending job; journaled when it moved noticeably."""
         self.slurm_start[job.index] = slurm_start
+        self.first_estimate.setdefault(job.index, (job.cluster, time.time(), slurm_start))
         last = (job.forecast or {}).get("slurm_start")
         now = time.time()
         if last is not None and abs(slurm_start - last) <= max(0.2 * (last - now), 60.0):
