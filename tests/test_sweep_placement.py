@@ -203,3 +203,8 @@ def test_a_waiting_job_says_when_it_should_start_and_where_else_it_could_go():
     assert waiting_words(job) == (
         "waiting for free nodes (Resources); starts ~14:05 (Slurm: 14:15); c would finish ~14:20"
     )
+
+
+def test_with_no_run_time_known_each_free_slot_takes_one_job():
+    plan = pl.Plan([outlook("a", room=1), outlook("b", room=1)])
+    assert [c.cluster for c in pl.place(3, plan)] == ["a", "b", None]  # the third: as before

@@ -129,8 +129,9 @@ class Plan:
         self.order = [o.name for o in outlooks]
         self.run = {o.name: o.run_s for o in outlooks}
         known = [r for r in self.run.values() if r is not None]
-        # A cluster with no speed known at all is taken to be as slow as the slowest known one.
-        self.fallback_run = max(known) if known else 0.0
+        # A cluster with no speed known at all is taken to be as slow as the slowest known one;
+        # with none known anywhere, jobs compare by start alone.
+        self.fallback_run = max(known) if known else None
         self.slots: dict[str, list[float]] = {}
         self.pending_starts: dict[str, list[float]] = {}  # cluster -> its waiting jobs' starts
         for o in outlooks:
@@ -143,26 +144,27 @@ class Plan:
             for start in o.pending_s:
                 if start is not None:  # nodes others free: a slot of its own, ours after it
                     starts.append(max(start, 0.0))
-                    heapq.heappush(slots, starts[-1] + self._run(o.name))
+                    run = self._run(o.name)
+                    heapq.heappush(slots, math.inf if run is None else starts[-1] + run)
                 elif slots:  # behind our own limit: the next of our slots there
                     starts.append(slots[0])
                     self.take(o.name)
                 else:
                     starts.append(math.inf)
 
-    def _run(self, name: str) -> float:
+    def _run(self, name: str) -> float | None:
         run = self.run[name]
         return self.fallback_run if run is None else run
 
     def finishes(self, among: Iterable[str] | None = None) -> dict[str, tuple[float, float]]:
         """cluster -> (start, finish) of its next free slot."""
         names = self.order if among is None else [n for n in self.order if n in set(among)]
-        return {n: (self.slots[n][0], self.slots[n][0] + self._run(n))
+        return {n: (self.slots[n][0], self.slots[n][0] + (self._run(n) or 0.0))
                 for n in names if self.slots[n]}  # fmt: skip
 
     def best(self, among: Iterable[str] | None = None) -> Choice:
-        options = self.finishes(among)
-        if not options:
+        options = {n: sf for n, sf in self.finishes(among).items() if math.isfinite(sf[0])}
+        if not options:  # no room, no estimate, no end of ours in sight anywhere
             return Choice(None, math.inf, math.inf, {})
         fastest = min(finish for _, finish in options.values())
         name = next(n for n, (_, finish) in options.items() if finish <= fastest * (1 + TIE))
@@ -171,8 +173,9 @@ class Plan:
         return Choice(name, start, finish, others)
 
     def take(self, name: str) -> None:
-        start = heapq.heappop(self.slots[name])
-        heapq.heappush(self.slots[name], start + self._run(name))
+        start, run = heapq.heappop(self.slots[name]), self._run(name)
+        # A slot whose job's run time nobody knows frees at an unknown time: never, here.
+        heapq.heappush(self.slots[name], math.inf if run is None else start + run)
 
 
 def place(n_jobs: int, plan: Plan) -> list[Choice]:
