@@ -195,6 +195,13 @@ class Dispatcher:
         """Jobs each cluster can start now, within the user's limits there, minus ours already
         waiting in its queue."""
         c, out = self.c, {}
+        # Jobs moving to a cluster (stopped here, or back in the queue bound for it) take its
+        # room before anyone else: two moves never count on one free node.
+        bound: dict[str, int] = {}
+        for j in [*c.jobs(QUEUED), *(j for j in c.open_jobs() if j.stopping)]:
+            to = j.target if j.state == QUEUED else j.stopping.get("to")
+            if to:
+                bound[to] = bound.get(to, 0) + 1
         for name, link in c.links.items():
             cfg = link.config
             if not link.available or link.status is None:
@@ -215,7 +222,7 @@ class Dispatcher:
                 if j.state in WAITING
                 or max(j.submitted_at or 0.0, j.started_at or 0.0) > self.probed_at
             ]  # fmt: skip
-            out[name] = max(0, free - len(unseen))
+            out[name] = max(0, free - len(unseen) - bound.get(name, 0))
         return out
 
     def _ours_on(self, name: str) -> list[JobEntry]:
@@ -327,12 +334,13 @@ class Dispatcher:
         now = time.time()
         seen = c.watcher.pending_seen  # judged on what Slurm said, never on a stale picture
         # A job held by a limit, a partition rule or missing nodes will not start by waiting
-        # its turn: it may move at once; any other after max_pending_s.
+        # its turn: it may move at once (unless time-to-result judges its wait: its turn behind
+        # our own jobs there); any other after max_pending_s.
         stuck = [
             j for j in c.jobs("PENDING")
             if j.started_at is None and j.moves == 0 and j.submitted_at and not j.stopping
-            and j.index in seen and (not_soon(j.reason)
-                                     or seen[j.index] - j.submitted_at >= c.p.max_pending_s)
+            and j.index in seen and (seen[j.index] - j.submitted_at >= c.p.max_pending_s
+                                     or (not_soon(j.reason) and not self._judged(j)))
         ]  # fmt: skip
         if not stuck:
             return
@@ -348,6 +356,11 @@ class Dispatcher:
             why = pending_words(job.reason) if not_soon(job.reason) else None
             self._move(job, target, f"pending {now - job.submitted_at:.0f}s "
                        f"({why or 'waiting its turn'}) while {target} has room")  # fmt: skip
+
+    def _judged(self, job: JobEntry) -> bool:
+        """Whether time-to-result placement predicts this job's finish where it waits."""
+        return (self.c.p.placement == "time_to_result"
+                and self.forecaster.run_s(job.index, job.cluster) is not None)  # fmt: skip
 
     def move_to_sooner(self) -> None:
         """Time-to-result: a pending job moves where it would finish clearly sooner (judged
