@@ -7,9 +7,8 @@ journaled (`forecast` records) beside what happened, so that `results` can score
 import logging
 import math
 import statistics
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from typing import Any
 
 from lingua_sweep.sweep import placement as pl
@@ -22,10 +21,9 @@ TEST_ONLY_NAME = "lingua-sweep-test-only"
 class Forecaster:
     def __init__(self, controller):
         self.c = controller
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="estimate")
         # cluster -> (Slurm's start for a job submitted now, when asked); refreshed each probe.
         self.estimates: dict[str, tuple[float | None, float]] = {}
-        self.in_flight: dict[str, Future] = {}
+        self.in_flight: dict[str, threading.Event] = {}  # set when its answer is in
         self.asked: dict[str, float] = {}  # cluster -> when last asked (monotonic)
         self.slurm_start: dict[int, float] = {}  # job index -> squeue --start, latest poll
         # job index -> (cluster, when, squeue --start) the first time Slurm gave one
@@ -39,8 +37,9 @@ class Forecaster:
     # --- Slurm's estimates ---------------------------------------------------------------------
 
     def ask(self, names: list[str]) -> None:
-        """`sbatch --test-only` on each cluster, on a thread: the loop never waits on a slow
-        login node (a later probe asks again)."""
+        """`sbatch --test-only` on each cluster, on a daemon thread: neither the loop nor the
+        launcher's exit waits on a hung login node (each call has its deadline; a later probe
+        asks again)."""
         from lingua_sweep.sweep.dispatch import sbatch_params
 
         c = self.c
@@ -52,26 +51,27 @@ class Forecaster:
                 continue
             self.asked[name] = time.monotonic()
             params = sbatch_params(link.config, c.p, TEST_ONLY_NAME)
-            asked = time.time()
-            future = self.pool.submit(link.backend.estimate_start, params)
-            self.in_flight[name] = future
-            future.add_done_callback(lambda f, name=name, asked=asked: self._got(name, asked, f))
+            self.in_flight[name] = threading.Event()
+            threading.Thread(target=self._estimate, args=(name, link.backend, params),
+                             name=f"estimate-{name}", daemon=True).start()  # fmt: skip
 
-    def _got(self, name: str, asked: float, future: Future) -> None:
+    def _estimate(self, name: str, backend, params: dict[str, Any]) -> None:
+        asked = time.time()
         try:
-            start = future.result()
+            start = backend.estimate_start(params)
         except Exception as e:  # noqa: BLE001 - an estimate is advice: without one, none
             log.debug("cluster %s: no start estimate (%s)", name, e)
             start = None
         self.estimates[name] = (start, asked)
-        self.in_flight.pop(name, None)
+        self.in_flight.pop(name).set()
 
     def await_first(self, names: list[str], timeout_s: float) -> None:
         """At a sweep's first placement, the estimates it needs (within the probe's timeout)."""
-        pending = [self.in_flight[n] for n in names
-                   if n not in self.estimates and n in self.in_flight]  # fmt: skip
-        if pending:
-            wait_for(pending, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            event = self.in_flight.get(name)
+            if event is not None and name not in self.estimates:
+                event.wait(max(deadline - time.monotonic(), 0.0))
 
     def corrected(self, cluster: str, start: float, asked: float) -> float:
         """Slurm's estimate made at `asked`, corrected by how late its estimates there were."""
