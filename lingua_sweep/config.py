@@ -122,6 +122,9 @@ class DistributedConfig:
     model_dtype: str = "bf16"  # bf16 | fp32 (compute dtype; master weights stay fp32)
     backend: str | None = None  # null = nccl on GPU, gloo on CPU
     a100_halve_batch: bool = True  # the spec's A100 rule: half batch, double grad_acc
+    # Stop before training (and a sweep before submitting) when the estimated peak memory
+    # (lingua_sweep.memory) does not fit the device; false: trust the config and try.
+    memory_check: bool = True
     # Process-group rendezvous limit: an unreachable master fails in this time, not at the
     # allocation's time limit.
     init_timeout_s: float = 180.0

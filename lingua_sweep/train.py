@@ -31,7 +31,7 @@ from typing import IO, Any
 import torch
 from omegaconf import OmegaConf
 
-from lingua_sweep import checkpoint, distributed, metrics, model, optim
+from lingua_sweep import checkpoint, distributed, gpus, memory, metrics, model, optim
 from lingua_sweep.config import TrainConfig
 from lingua_sweep.data import (
     build_train_loader,
@@ -173,6 +173,13 @@ def run(cfg, *, run_dir: Path | None = None, environ=os.environ) -> float:
     env = distributed.init_distributed(tc.distributed, environ)
     lock = None
     try:
+        # Before data, tokenizer and model: a config too big for this device is a one-line error
+        # now, instead of an OOM kill (with no message at all on CPU) minutes into the run.
+        if tc.distributed.memory_check:
+            gpu = distributed.gpu_name(env.device)
+            memory.check_local(
+                tc, device=env.device, gpu=gpu, world_size=env.world_size, environ=environ
+            )
         distributed.check_same_run_dir(run_dir, env)
         lock = _lock_for_all_ranks(run_dir, env)
         return train(tc, run_dir=run_dir, env=env, job_id=job_id_from_env(environ))
@@ -366,7 +373,7 @@ def train(tc: TrainConfig, *, run_dir: Path, env: distributed.DistEnv, job_id: s
 def _short_gpu_name(gpu: str | None) -> str | None:
     if gpu is None:
         return None
-    return next((key for key in metrics.PEAK_BF16_FLOPS if key in gpu), gpu)
+    return next((key for key in gpus.GPUS if key in gpu), gpu)
 
 
 # Across ranks the preemption poll is a collective with a host sync: not every step.

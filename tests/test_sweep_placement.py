@@ -46,7 +46,7 @@ def test_alike_finishes_go_to_the_preferred_cluster():
 
 def test_placing_many_jobs_uses_each_slot_once():
     plan = pl.Plan([outlook("a", room=1, run=100), outlook("b", start=50, run=100)])
-    choices = pl.place(4, plan)
+    choices = pl.place(plan, [None] * 4)
     assert [(c.cluster, c.start_s, c.finish_s) for c in choices] == [
         ("a", 0, 100), ("b", 50, 150), ("a", 100, 200), ("b", 150, 250),
     ]  # fmt: skip
@@ -54,7 +54,7 @@ def test_placing_many_jobs_uses_each_slot_once():
 
 def test_our_own_jobs_ends_are_slots_and_nothing_known_is_no_choice():
     plan = pl.Plan([outlook("a", run=100, frees=[30, 80])])
-    assert [c.start_s for c in pl.place(3, plan)] == [30, 80, 130]
+    assert [c.start_s for c in pl.place(plan, [None] * 3)] == [30, 80, 130]
     empty = pl.Plan([outlook("a", run=100)])  # no room, no estimate, none of ours there
     assert empty.best().cluster is None
 
@@ -207,4 +207,52 @@ def test_a_waiting_job_says_when_it_should_start_and_where_else_it_could_go():
 
 def test_with_no_run_time_known_each_free_slot_takes_one_job():
     plan = pl.Plan([outlook("a", room=1), outlook("b", room=1)])
-    assert [c.cluster for c in pl.place(3, plan)] == ["a", "b", None]  # the third: as before
+    # the third: no slot anywhere, so the dispatcher queues it as before
+    assert [c.cluster for c in pl.place(plan, [None] * 3)] == ["a", "b", None]
+
+
+def test_a_job_is_never_placed_where_it_does_not_fit():
+    plan = pl.Plan([outlook("small", room=1, run=100), outlook("big", room=1, run=200)])
+    choices = pl.place(plan, [["big"], None])
+    assert [c.cluster for c in choices] == ["big", "small"]
+
+
+def trainer_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The default preset through the launcher on two simulated clusters: `a100` (40 GB GPUs,
+    preferred) and `h100` (80 GB)."""
+    conf = tmp_path / "conf" / "cluster"
+    conf.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "data" / "fineweb_edu_10bt_shuffled"  # checked, never read
+    data.mkdir(parents=True, exist_ok=True)
+    for name in ("fineweb_edu_10bt.chunk.00.jsonl", "fineweb_edu_10bt.val.jsonl"):
+        (data / name).write_text('{"text": "a simulated job reads nothing"}\n')
+    for name, priority in (("a100", 1), ("h100", 2)):
+        spec = {"nodes": 1, "gpus_per_node": 8, "duration_s": 100.0, "speed": 100.0}
+        cluster = {"name": name, "gpus_per_node": 8, "gpu_type": name.upper(),
+                   "priority": priority, "simulated": spec, "data_root": str(tmp_path / "data"),
+                   "output_root": str(tmp_path)}  # fmt: skip
+        (conf / f"{name}.yaml").write_text(yaml.safe_dump(cluster))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    return subprocess.run([
+        sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=multicluster",
+        "hydra.launcher.clusters=[a100,h100]", "hydra.launcher.poll_interval_s=0.2",
+        "hydra.launcher.live=false", "logging.wandb=null",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides,
+    ], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+
+
+def test_the_launcher_sends_each_job_only_where_its_memory_fits(tmp_path):
+    # Without the A100 rule the default preset needs ~48 GB per GPU: only the H100s fit it.
+    out = trainer_sweep(tmp_path, "distributed.a100_halve_batch=false,true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = {j.index: j.cluster for j in Journal(tmp_path / "sweep").replay().jobs.values()}
+    assert jobs == {0: "h100", 1: "a100"}
+
+
+def test_a_job_too_big_for_every_cluster_is_one_line_before_anything_is_submitted(tmp_path):
+    out = trainer_sweep(tmp_path, "data.batch_size=64,8")
+    assert out.returncode == 2, out.stderr[-3000:]
+    [line] = out.stderr.strip().splitlines()
+    assert "job #0" in line and "data.batch_size" in line and "GB" in line, line
+    assert not (tmp_path / "sweep").exists()

@@ -210,6 +210,35 @@ def test_bad_overrides_exit_nonzero_with_a_one_line_cause(data_root, tmp_path):
     assert not (tmp_path / "no-such-dir").exists()
 
 
+def test_the_default_preset_on_a_small_cpu_machine_stops_at_once_naming_the_fix(
+    data_root, tmp_path
+):
+    """`python train.py` here (default preset: ~47 GB at the loss) trained for ~70 s and was
+    OOM-killed at 24 GB without a word; the memory preflight stops it before the data."""
+    from lingua_sweep import memory
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        tc = OmegaConf.to_object(compose("config", overrides=["cluster=local"]))
+    available = memory.local_available_bytes(torch.device("cpu"))
+    if torch.cuda.is_available() or available is None:
+        pytest.skip("needs a CPU machine that reports its available memory")
+    if memory.estimate(tc).total <= memory.HEADROOM * available:
+        pytest.skip(f"the default preset fits in this machine's {available / 1e9:.0f} GB")
+    start = time.monotonic()
+    proc = subprocess.run(
+        train_cmd(f"hydra.run.dir={tmp_path}"), cwd=REPO, env=child_env(data_root),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: model needs ~") and "GB of memory per process" in line
+    assert "experiment=debug" in line and "data.batch_size" in line
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert not (tmp_path / ".lock").exists()  # stopped before the run took its directory
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

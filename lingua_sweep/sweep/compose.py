@@ -32,7 +32,7 @@ class JobConfig:
     config per shape, and an array pickles its template once."""
 
     __slots__ = ("template", "values", "task", "dirname", "num", "hash", "steps", "work_flops",
-                 "_data_view")  # fmt: skip
+                 "too_big_for", "_data_view")  # fmt: skip
 
     def __init__(self, template, values, task, dirname, num, digest, steps, data_view,
                  work_flops=None):  # fmt: skip
@@ -40,6 +40,7 @@ class JobConfig:
         self.values, self.task, self.dirname, self.num = values, task, dirname, num
         self.hash, self.steps, self._data_view = digest, steps, data_view
         self.work_flops = work_flops  # a trainer job's training FLOPs per GPU (placement)
+        self.too_big_for: dict[str, str] = {}  # cluster -> why the job does not fit its GPUs
 
     def materialize(self) -> DictConfig:
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -72,6 +73,9 @@ class _Template:
         self.trainer = is_trainer_config(config)
 
 
+MEMORY_GROUPS = ("model", "data", "optim", "distributed")  # what a job's peak memory depends on
+
+
 class JobComposer:
     def __init__(self, launcher_config: DictConfig, config_loader):
         self.base = launcher_config
@@ -83,6 +87,10 @@ class JobComposer:
         self._parsed: dict[str, Any] = {}  # override line -> Hydra's parse of it (ANTLR: slow)
         self._parser = None
         self._keys: list[str] | None = None  # the config's keys, for "did you mean"
+        # (cluster, processes of a job there) whose GPUs a trainer job must fit; set by the
+        # controller. Fits are cached per memory-relevant part of the config.
+        self.memory_targets: list[tuple[ClusterConfig, int]] = []
+        self._fits: dict[tuple, dict[str, str]] = {}
 
     def _all_groups(self, parent: str) -> set[str]:
         found = set()
@@ -173,6 +181,7 @@ class JobComposer:
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors have many types
             raise UserError(f"{where}: {_first_line(e)}{self._suggestion(e)}") from e
         steps = work_flops = None
+        too_big_for: dict[str, str] = {}
         if template.trainer:
             from lingua_sweep.config import check_known_keys
             from lingua_sweep.preflight import preflight
@@ -184,12 +193,35 @@ class JobComposer:
                 raise UserError(f"{where}: {e}") from e
             steps = scratch.get("steps")
             work_flops = _work_flops(scratch)
+            # What a job's memory depends on: its shape and the values it sets there.
+            sizing = tuple(o.input_line for o in values
+                           if o.key_or_group.split(".")[0] in MEMORY_GROUPS)  # fmt: skip
+            too_big_for = self._too_big_for(scratch, where, (id(template), sizing))
         touches_data = any(o.key_or_group.split(".")[0] in ("data", "cluster") for o in values)
-        return JobConfig(
+        config = JobConfig(
             template.config, [o.input_line for o in values], [o.input_line for o in task],
             override_dirname, job_num, _hash(template, values), steps,
             None if touches_data else template.config, work_flops,
         )  # fmt: skip
+        config.too_big_for = too_big_for
+        return config
+
+    def _too_big_for(self, scratch, where: str, key: tuple) -> dict[str, str]:
+        """The clusters whose GPUs the job's training does not fit (`lingua_sweep.memory`);
+        a job that fits none is a one-line error before anything is submitted."""
+        if not self.memory_targets or not scratch.distributed.get("memory_check", True):
+            return {}
+        from lingua_sweep import memory
+
+        if key not in self._fits:
+            self._fits[key] = {
+                c.name: why for c, world in self.memory_targets
+                if (why := memory.fits_on_cluster(scratch, c, world_size=world))
+            }  # fmt: skip
+        too_big = self._fits[key]
+        if len(too_big) == len(self.memory_targets):
+            raise UserError(f"{where}: {next(iter(too_big.values()))}")
+        return too_big
 
 
 def _work_flops(cfg) -> float | None:

@@ -27,7 +27,7 @@ from lingua_sweep.sweep import faultpoint, layout
 from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.backends import make_backend
 from lingua_sweep.sweep.compose import JobComposer, JobConfig, is_trainer_config
-from lingua_sweep.sweep.dispatch import Dispatcher
+from lingua_sweep.sweep.dispatch import Dispatcher, job_shape
 from lingua_sweep.sweep.header import project_root, sweep_header
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
 from lingua_sweep.sweep.link import Link
@@ -103,6 +103,9 @@ class Controller:
         self.submitted_any = any(j.job_id for j in self.state.jobs.values())
         self.watcher = Watcher(self)
         self.dispatcher = Dispatcher(self)
+        if composer is not None:  # a trainer job must fit the GPUs of a cluster it goes to
+            composer.memory_targets = [(registry[n], job_shape(registry[n], params).tasks)
+                                       for n in self.names if registry[n].slurm]  # fmt: skip
 
     def _restore_code(self) -> None:
         """The snapshot each cluster's jobs were submitted with, from the journal: a resumed

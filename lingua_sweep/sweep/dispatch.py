@@ -107,23 +107,29 @@ def assign(
     queue_on: str | None,
     when_busy: str,
     caps: Mapping[str, int | None] | None = None,
+    too_big: Sequence[Mapping[str, str]] | None = None,
 ) -> list[str | None]:
     """The cluster for each of the first n queued jobs (None: keep waiting here).
 
     Clusters with room fill in priority order (`order`); the rest follow `when_busy`: `queue`
     sends them to `queue_on` (the first reachable cluster that fits them), `wait` keeps them.
     `caps`: how many more jobs each cluster's submit limit accepts (None: no limit); a job
-    no cluster may take now waits here.
+    no cluster may take now waits here. `too_big`: per job, the clusters whose GPUs it does not
+    fit (never its target).
     """
     left = dict(rooms)
     cap = {n: v for n, v in (caps or {}).items() if v is not None}
     out: list[str | None] = []
-    for _ in range(n_queued):
-        target = next((n for n in order if left.get(n, 0) > 0 and cap.get(n, 1) > 0), None)
+    for i in range(n_queued):
+        skip = too_big[i] if too_big else {}
+        target = next((n for n in order if left.get(n, 0) > 0 and cap.get(n, 1) > 0
+                       and n not in skip), None)  # fmt: skip
+        fallback = queue_on if queue_on not in skip else next(
+            (n for n in order if n not in skip), None)  # fmt: skip
         if target is not None:
             left[target] -= 1
-        elif when_busy == "queue" and queue_on is not None and cap.get(queue_on, 1) > 0:
-            target = queue_on
+        elif when_busy == "queue" and fallback is not None and cap.get(fallback, 1) > 0:
+            target = fallback
         if target is not None and target in cap:
             cap[target] -= 1
         out.append(target)
@@ -289,13 +295,14 @@ class Dispatcher:
                 )
             return  # every cluster is away for now: the jobs wait for one to come back
         caps = {n: self.headroom(n).submit for n in order}
+        too_big = [getattr(c.configs.get(j.index), "too_big_for", None) or {} for j in queued]
         if c.p.placement == "time_to_result":
             self.forecaster.ask([n for n in order if rooms.get(n, 0) == 0])
-            targets = within_caps(self.forecaster.place(queued, rooms, order, queue_on), caps)
+            targets = self.forecaster.place(queued, rooms, order, queue_on, too_big)
+            targets = within_caps(targets, caps)
         else:
-            targets = assign(
-                len(queued), rooms, order, queue_on=queue_on, when_busy=c.p.when_busy, caps=caps
-            )
+            targets = assign(len(queued), rooms, order, queue_on=queue_on,
+                             when_busy=c.p.when_busy, caps=caps, too_big=too_big)  # fmt: skip
         if not c.submitted_any:
             check_when_busy(targets.count(None), len(queued), reachable, c.p.when_busy)
         for name in dict.fromkeys(t for t in targets if t):

@@ -145,7 +145,7 @@ class Forecaster:
         return self.corrected(job.cluster, slurm, self.c.watcher.pending_seen.get(job.index, 0.0))
 
     def place(self, queued: list[JobEntry], rooms: dict[str, int], order: list[str],
-              queue_on: str | None) -> list[str | None]:  # fmt: skip
+              queue_on: str | None, too_big: list[dict[str, str]]) -> list[str | None]:  # fmt: skip
         """The cluster for each queued job (None: wait here); the predictions behind them wait
         in `self.placed` until `journal_placed` records those of jobs that were submitted."""
         c, now = self.c, time.time()
@@ -153,10 +153,14 @@ class Forecaster:
         self.await_first([n for n in order if rooms.get(n, 0) == 0], c.p.probe_timeout_s or 10)
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), queued[0].index, now) for n in order])
         targets, forecasts = [], {}
-        for job, choice in zip(queued, pl.place(len(queued), plan), strict=True):
+        allowed = [[n for n in order if n not in skip] for skip in too_big]
+        for job, choice, ok in zip(queued, pl.place(plan, allowed), allowed, strict=True):
             target = choice.cluster
             if target is None or not math.isfinite(choice.finish_s):
-                target = queue_on if c.p.when_busy == "queue" else None  # nothing known: as before
+                # Nothing known: as before, the first reachable (that the job fits).
+                fallback = None if queue_on is None else (
+                    queue_on if queue_on in ok else next(iter(ok), None))  # fmt: skip
+                target = fallback if c.p.when_busy == "queue" else None
             elif choice.start_s > 0 and c.p.when_busy != "queue":
                 target = None  # no room anywhere now: wait here, as `wait` says
             targets.append(target)

@@ -178,11 +178,12 @@ class Plan:
         heapq.heappush(self.slots[name], math.inf if run is None else start + run)
 
 
-def place(n_jobs: int, plan: Plan) -> list[Choice]:
-    """Where each of n queued jobs (in order) finishes first."""
+def place(plan: Plan, allowed: Sequence[Iterable[str] | None]) -> list[Choice]:
+    """Where each queued job (in order) finishes first, among the clusters it may go to (None:
+    any)."""
     out = []
-    for _ in range(n_jobs):
-        choice = plan.best()
+    for among in allowed:
+        choice = plan.best(among)
         if choice.cluster is not None:
             plan.take(choice.cluster)
         out.append(choice)
