@@ -21,9 +21,10 @@ from lingua_sweep.sweep.simulator import SimCluster, SimJob, SimSpec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def outlook(name, *, room=0, start=None, run=None, frees=(), pending=()):
+def outlook(name, *, room=0, start=None, run=None, frees=(), pending=(), limited=False,
+            capacity=1):  # fmt: skip
     return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=list(frees),
-                      pending_s=list(pending))  # fmt: skip
+                      pending_s=list(pending), limited=limited, capacity=capacity)  # fmt: skip
 
 
 def test_a_job_goes_where_it_finishes_first_not_where_it_starts_first():
@@ -45,7 +46,9 @@ def test_alike_finishes_go_to_the_preferred_cluster():
 
 
 def test_placing_many_jobs_uses_each_slot_once():
-    plan = pl.Plan([outlook("a", room=1, run=100), outlook("b", start=50, run=100)])
+    # `a` has a free node now; `b` is full, Slurm says one more job starts in 50 s, and its one
+    # node turns over every run time.
+    plan = pl.Plan([outlook("a", room=1, run=100), outlook("b", start=50, run=100)], n_jobs=4)
     choices = pl.place(plan, [None] * 4)
     assert [(c.cluster, c.start_s, c.finish_s) for c in choices] == [
         ("a", 0, 100), ("b", 50, 150), ("a", 100, 200), ("b", 150, 250),
@@ -53,7 +56,7 @@ def test_placing_many_jobs_uses_each_slot_once():
 
 
 def test_our_own_jobs_ends_are_slots_and_nothing_known_is_no_choice():
-    plan = pl.Plan([outlook("a", run=100, frees=[30, 80])])
+    plan = pl.Plan([outlook("a", run=100, frees=[30, 80], limited=True)])
     assert [c.start_s for c in pl.place(plan, [None] * 3)] == [30, 80, 130]
     empty = pl.Plan([outlook("a", run=100)])  # no room, no estimate, none of ours there
     assert empty.best().cluster is None
@@ -188,7 +191,7 @@ def test_the_launcher_sends_a_job_where_it_finishes_first(tmp_path, placement):
 def test_our_jobs_held_by_our_limit_wait_for_our_own_slots():
     # Two of ours run (ending in 100 and 300 s); two wait behind our limit, one with Slurm's
     # word (start at 50). The next new job there starts when the held one's slot frees.
-    plan = pl.Plan([outlook("a", run=200, frees=[100, 300], pending=[None, 50])])
+    plan = pl.Plan([outlook("a", run=200, frees=[100, 300], pending=[None, 50], limited=True)])
     assert plan.pending_starts["a"] == [100, 50]
     assert plan.best().start_s == 250  # 50 + 200: the slot Slurm's estimate opens, then ends
 
@@ -209,6 +212,13 @@ def test_with_no_run_time_known_each_free_slot_takes_one_job():
     plan = pl.Plan([outlook("a", room=1), outlook("b", room=1)])
     # the third: no slot anywhere, so the dispatcher queues it as before
     assert [c.cluster for c in pl.place(plan, [None] * 3)] == ["a", "b", None]
+
+
+def test_without_a_limit_of_ours_our_ends_go_to_the_queue_and_ours_follow_slurms_word():
+    # A shared partition of 2 nodes, full: our job there ends in 100 s, but others wait first;
+    # Slurm says a new job starts in 400 s, and a node turns over every 300 s (600 / 2).
+    plan = pl.Plan([outlook("p", run=600, frees=[100], start=400, capacity=2)], n_jobs=3)
+    assert [c.start_s for c in pl.place(plan, [None] * 3)] == [400, 700, 1000]
 
 
 def test_a_job_is_never_placed_where_it_does_not_fit():

@@ -117,8 +117,8 @@ class Forecaster:
         start = None
         # Held to our limit there, only our own jobs' ends make room: Slurm's estimate (free
         # nodes) does not apply.
-        limited = self.c.dispatcher.headroom(name).start == 0
-        if not limited and self.estimates.get(name, (None,))[0] is not None:
+        headroom = self.c.dispatcher.headroom(name).start
+        if headroom != 0 and self.estimates.get(name, (None,))[0] is not None:
             epoch, asked = self.estimates[name]
             start = self.corrected(name, epoch, asked) - now
         frees, pending = [], []
@@ -130,7 +130,19 @@ class Forecaster:
                     expected = self.pending_start(job)
                     pending.append(None if expected is None else expected - now)
         return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees,
-                          pending_s=pending)  # fmt: skip
+                          pending_s=pending, limited=headroom is not None,
+                          capacity=self._capacity(name))  # fmt: skip
+
+    def _capacity(self, name: str) -> int:
+        """How many jobs of the sweep's shape the whole cluster runs at once."""
+        from lingua_sweep.sweep.dispatch import job_shape
+
+        link = self.c.links[name]
+        shape = job_shape(link.config, self.c.p)
+        nodes = len(link.status.nodes) if link.status is not None and link.status.nodes else 1
+        per_node = (link.config.gpus_per_node // shape.gpus_per_node
+                    if shape.gpus_per_node else 1)  # fmt: skip
+        return max(1, nodes * max(per_node, 1) // max(shape.nodes, 1))
 
     def _ours(self, name: str) -> list[JobEntry]:
         """Our jobs on a cluster that hold or will hold a slot there, in queue order."""
@@ -151,7 +163,8 @@ class Forecaster:
         c, now = self.c, time.time()
         self.learn()
         self.await_first([n for n in order if rooms.get(n, 0) == 0], c.p.probe_timeout_s or 10)
-        plan = pl.Plan([self.outlook(n, rooms.get(n, 0), queued[0].index, now) for n in order])
+        plan = pl.Plan([self.outlook(n, rooms.get(n, 0), queued[0].index, now) for n in order],
+                       n_jobs=len(queued))  # fmt: skip
         targets, forecasts = [], {}
         allowed = [[n for n in order if n not in skip] for skip in too_big]
         for job, choice, ok in zip(queued, pl.place(plan, allowed), allowed, strict=True):
@@ -205,7 +218,8 @@ class Forecaster:
         self.ask([n for n in names if rooms.get(n, 0) == 0])
         here_names = {j.cluster for j in candidates}
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), candidates[0].index, now)
-                        for n in dict.fromkeys([*names, *here_names])])  # fmt: skip
+                        for n in dict.fromkeys([*names, *here_names])],
+                       n_jobs=len(candidates))  # fmt: skip
         # Each waiting job's start as the plan sees its cluster's queue (Slurm's, or its turn
         # behind our own jobs there).
         expected = {}

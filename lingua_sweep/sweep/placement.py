@@ -111,6 +111,11 @@ class Outlook:
     # Our jobs waiting in its queue, in order: when Slurm says each starts, or None where it
     # gives no estimate (held by our own limit): those start as our jobs there end.
     pending_s: list[float | None] = field(default_factory=list)
+    # Whether a limit of ours binds there (MaxJobsPerUser...): then a job of ours that ends
+    # hands its slot to our next one. Without one, its nodes go to whoever is first in the
+    # queue, and our later jobs start as the queue drains: `capacity` such jobs at a time.
+    limited: bool = False
+    capacity: int = 1
 
 
 @dataclass(frozen=True)
@@ -125,8 +130,9 @@ class Plan:
     """List scheduling over every cluster's predicted free slots: each job takes the slot that
     finishes it first; ties go to the earlier cluster in priority order."""
 
-    def __init__(self, outlooks: Sequence[Outlook]):
+    def __init__(self, outlooks: Sequence[Outlook], n_jobs: int = 1):
         self.order = [o.name for o in outlooks]
+        self.limited = {o.name: o.limited for o in outlooks}
         self.run = {o.name: o.run_s for o in outlooks}
         known = [r for r in self.run.values() if r is not None]
         # A cluster with no speed known at all is taken to be as slow as the slowest known one;
@@ -135,18 +141,24 @@ class Plan:
         self.slots: dict[str, list[float]] = {}
         self.pending_starts: dict[str, list[float]] = {}  # cluster -> its waiting jobs' starts
         for o in outlooks:
-            slots = [0.0] * max(o.room, 0) + list(o.frees_s)
+            slots = [0.0] * max(o.room, 0) + (list(o.frees_s) if o.limited else [])
             if o.next_start_s is not None:
-                slots.append(max(o.next_start_s, 0.0))
+                # Slurm's start for one more job, then one more as each of `capacity` job-sized
+                # slots turns over (a saturated cluster frees one every run / capacity).
+                gap = (self._run(o.name) or 0.0) / max(o.capacity, 1)
+                first = max(o.next_start_s, 0.0)
+                slots += [first + k * gap for k in range(n_jobs + len(o.pending_s))]
             heapq.heapify(slots)
             self.slots[o.name] = slots
             starts = self.pending_starts[o.name] = []
             for start in o.pending_s:
-                if start is not None:  # nodes others free: a slot of its own, ours after it
+                if start is not None and not o.limited:
+                    starts.append(max(start, 0.0))  # Slurm's estimate of a new job counts it
+                elif start is not None:  # it takes the slot Slurm sees for it, then hands it on
                     starts.append(max(start, 0.0))
                     run = self._run(o.name)
                     heapq.heappush(slots, math.inf if run is None else starts[-1] + run)
-                elif slots:  # behind our own limit: the next of our slots there
+                elif slots:  # behind our own limit (or its turn in the queue): the next slot
                     starts.append(slots[0])
                     self.take(o.name)
                 else:
@@ -174,8 +186,10 @@ class Plan:
 
     def take(self, name: str) -> None:
         start, run = heapq.heappop(self.slots[name]), self._run(name)
-        # A slot whose job's run time nobody knows frees at an unknown time: never, here.
-        heapq.heappush(self.slots[name], math.inf if run is None else start + run)
+        if self.limited[name] or start == 0.0:
+            # Our own slot: it passes to our next job when this one ends (at an unknown time
+            # when nobody knows its run time). A free node we take now is ours too until then.
+            heapq.heappush(self.slots[name], math.inf if run is None else start + run)
 
 
 def place(plan: Plan, allowed: Sequence[Iterable[str] | None]) -> list[Choice]:
