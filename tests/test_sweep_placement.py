@@ -21,10 +21,10 @@ from lingua_sweep.sweep.simulator import SimCluster, SimJob, SimSpec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def outlook(name, *, room=0, start=None, run=None, frees=(), pending=(), limited=False,
+def outlook(name, *, room=0, start=None, run=None, frees=(), pending=(), headroom=None,
             capacity=1):  # fmt: skip
     return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=list(frees),
-                      pending_s=list(pending), limited=limited, capacity=capacity)  # fmt: skip
+                      pending_s=list(pending), headroom=headroom, capacity=capacity)  # fmt: skip
 
 
 def test_a_job_goes_where_it_finishes_first_not_where_it_starts_first():
@@ -56,7 +56,7 @@ def test_placing_many_jobs_uses_each_slot_once():
 
 
 def test_our_own_jobs_ends_are_slots_and_nothing_known_is_no_choice():
-    plan = pl.Plan([outlook("a", run=100, frees=[30, 80], limited=True)])
+    plan = pl.Plan([outlook("a", run=100, frees=[30, 80], headroom=0)])
     assert [c.start_s for c in pl.place(plan, [None] * 3)] == [30, 80, 130]
     empty = pl.Plan([outlook("a", run=100)])  # no room, no estimate, none of ours there
     assert empty.best().cluster is None
@@ -191,7 +191,7 @@ def test_the_launcher_sends_a_job_where_it_finishes_first(tmp_path, placement):
 def test_our_jobs_held_by_our_limit_wait_for_our_own_slots():
     # Two of ours run (ending in 100 and 300 s); two wait behind our limit, one with Slurm's
     # word (start at 50). The next new job there starts when the held one's slot frees.
-    plan = pl.Plan([outlook("a", run=200, frees=[100, 300], pending=[None, 50], limited=True)])
+    plan = pl.Plan([outlook("a", run=200, frees=[100, 300], pending=[None, 50], headroom=0)])
     assert plan.pending_starts["a"] == [100, 50]
     assert plan.best().start_s == 250  # 50 + 200: the slot Slurm's estimate opens, then ends
 
@@ -212,6 +212,13 @@ def test_with_no_run_time_known_each_free_slot_takes_one_job():
     plan = pl.Plan([outlook("a", room=1), outlook("b", room=1)])
     # the third: no slot anywhere, so the dispatcher queues it as before
     assert [c.cluster for c in pl.place(plan, [None] * 3)] == ["a", "b", None]
+
+
+def test_under_a_limit_of_ours_slurms_word_opens_no_more_slots_than_the_limit_allows():
+    # One more of ours may run on `a`, whose nodes are busy: Slurm's estimate opens one slot;
+    # the next job there waits for that one's end, not for the next node to turn over.
+    plan = pl.Plan([outlook("a", run=100, start=50, headroom=1, capacity=8)], n_jobs=3)
+    assert [c.start_s for c in pl.place(plan, [None] * 3)] == [50, 150, 250]
 
 
 def test_without_a_limit_of_ours_our_ends_go_to_the_queue_and_ours_follow_slurms_word():

@@ -130,7 +130,7 @@ class Forecaster:
                     expected = self.pending_start(job)
                     pending.append(None if expected is None else expected - now)
         return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees,
-                          pending_s=pending, limited=headroom is not None,
+                          pending_s=pending, headroom=headroom,
                           capacity=self._capacity(name))  # fmt: skip
 
     def _capacity(self, name: str) -> int:
@@ -236,7 +236,9 @@ class Forecaster:
             others = [n for n in names if n != job.cluster]
             choice = pl.better_elsewhere(here, plan, others,
                                          min_gain_s=2 * c.p.probe_every_s)  # fmt: skip
-            if choice is None:
+            if choice is None or choice.start_s > 0:
+                # Only where it starts now: a move to another queue trades one estimate for
+                # another, and a scancel costs the job its place here.
                 continue
             plan.take(choice.cluster)
             why = (f"finishes ~{_clock(now + choice.finish_s)} on {choice.cluster}, "

@@ -111,11 +111,16 @@ class Outlook:
     # Our jobs waiting in its queue, in order: when Slurm says each starts, or None where it
     # gives no estimate (held by our own limit): those start as our jobs there end.
     pending_s: list[float | None] = field(default_factory=list)
-    # Whether a limit of ours binds there (MaxJobsPerUser...): then a job of ours that ends
-    # hands its slot to our next one. Without one, its nodes go to whoever is first in the
-    # queue, and our later jobs start as the queue drains: `capacity` such jobs at a time.
-    limited: bool = False
+    # How many more of our jobs a limit of ours lets run there (MaxJobsPerUser...), None: no
+    # limit. Under a limit a job of ours that ends hands its slot to our next one; without
+    # one its nodes go to whoever is first in the queue, and our later jobs start as the queue
+    # drains, `capacity` such jobs at a time.
+    headroom: int | None = None
     capacity: int = 1
+
+    @property
+    def limited(self) -> bool:
+        return self.headroom is not None
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,10 @@ class Plan:
                 # slots turns over (a saturated cluster frees one every run / capacity).
                 gap = (self._run(o.name) or 0.0) / max(o.capacity, 1)
                 first = max(o.next_start_s, 0.0)
-                slots += [first + k * gap for k in range(n_jobs + len(o.pending_s))]
+                more = n_jobs + len(o.pending_s)
+                if o.headroom is not None:  # no more than our limit lets run
+                    more = min(more, max(o.headroom - o.room, 0))
+                slots += [first + k * gap for k in range(more)]
             heapq.heapify(slots)
             self.slots[o.name] = slots
             starts = self.pending_starts[o.name] = []
