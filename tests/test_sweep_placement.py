@@ -221,6 +221,15 @@ def test_under_a_limit_of_ours_slurms_word_opens_no_more_slots_than_the_limit_al
     assert [c.start_s for c in pl.place(plan, [None] * 3)] == [50, 150, 250]
 
 
+def test_a_turn_behind_our_own_jobs_is_ours_to_take_later_not_a_queue_place():
+    plan = pl.Plan([outlook("a", room=1, run=100, headroom=1),
+                    outlook("b", run=100, start=500)], n_jobs=3)  # fmt: skip
+    choices = pl.place(plan, [None] * 3)
+    assert [(c.cluster, c.start_s, c.own_turn) for c in choices] == [
+        ("a", 0, False), ("a", 100, True), ("a", 200, True),
+    ]  # fmt: skip
+
+
 def test_without_a_limit_of_ours_our_ends_go_to_the_queue_and_ours_follow_slurms_word():
     # A shared partition of 2 nodes, full: our job there ends in 100 s, but others wait first;
     # Slurm says a new job starts in 400 s, and a node turns over every 300 s (600 / 2).

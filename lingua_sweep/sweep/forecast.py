@@ -174,8 +174,14 @@ class Forecaster:
                 fallback = None if queue_on is None else (
                     queue_on if queue_on in ok else next(iter(ok), None))  # fmt: skip
                 target = fallback if c.p.when_busy == "queue" else None
-            elif choice.start_s > 0 and c.p.when_busy != "queue":
-                target = None  # no room anywhere now: wait here, as `wait` says
+            elif choice.start_s > 0 and (
+                c.p.when_busy != "queue" or (choice.own_turn and not c.p.detach)
+            ):
+                # No room anywhere now: wait here, as `wait` says; or its turn comes when a job
+                # of ours ends under our limit: no queue place to keep, so it waits here and is
+                # placed afresh (wherever is best then) when a slot frees. (A detached launcher
+                # leaves nothing here.)
+                target = None
             targets.append(target)
             if target is not None:
                 forecasts[job.index] = self._forecast(target, choice, now, planned=True)

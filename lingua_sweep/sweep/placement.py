@@ -129,6 +129,9 @@ class Choice:
     start_s: float
     finish_s: float
     alternatives: dict[str, float]  # other cluster -> predicted finish there (s from now)
+    # Its slot opens when one of our own jobs there ends, under our limit: no place in a Slurm
+    # queue to hold, so the job waits here and is placed afresh when a slot frees.
+    own_turn: bool = False
 
 
 class Plan:
@@ -143,10 +146,12 @@ class Plan:
         # A cluster with no speed known at all is taken to be as slow as the slowest known one;
         # with none known anywhere, jobs compare by start alone.
         self.fallback_run = max(known) if known else None
-        self.slots: dict[str, list[float]] = {}
+        # cluster -> heap of (when a slot frees, whether it is our own job's under our limit)
+        self.slots: dict[str, list[tuple[float, bool]]] = {}
         self.pending_starts: dict[str, list[float]] = {}  # cluster -> its waiting jobs' starts
         for o in outlooks:
-            slots = [0.0] * max(o.room, 0) + (list(o.frees_s) if o.limited else [])
+            slots = [(0.0, False)] * max(o.room, 0)
+            slots += [(f, True) for f in o.frees_s] if o.limited else []
             if o.next_start_s is not None:
                 # Slurm's start for one more job, then one more as each of `capacity` job-sized
                 # slots turns over (a saturated cluster frees one every run / capacity).
@@ -155,7 +160,7 @@ class Plan:
                 more = n_jobs + len(o.pending_s)
                 if o.headroom is not None:  # no more than our limit lets run
                     more = min(more, max(o.headroom - o.room, 0))
-                slots += [first + k * gap for k in range(more)]
+                slots += [(first + k * gap, False) for k in range(more)]
             heapq.heapify(slots)
             self.slots[o.name] = slots
             starts = self.pending_starts[o.name] = []
@@ -165,9 +170,9 @@ class Plan:
                 elif start is not None:  # it takes the slot Slurm sees for it, then hands it on
                     starts.append(max(start, 0.0))
                     run = self._run(o.name)
-                    heapq.heappush(slots, math.inf if run is None else starts[-1] + run)
+                    heapq.heappush(slots, (math.inf if run is None else starts[-1] + run, True))
                 elif slots:  # behind our own limit (or its turn in the queue): the next slot
-                    starts.append(slots[0])
+                    starts.append(slots[0][0])
                     self.take(o.name)
                 else:
                     starts.append(math.inf)
@@ -179,7 +184,7 @@ class Plan:
     def finishes(self, among: Iterable[str] | None = None) -> dict[str, tuple[float, float]]:
         """cluster -> (start, finish) of its next free slot."""
         names = self.order if among is None else [n for n in self.order if n in set(among)]
-        return {n: (self.slots[n][0], self.slots[n][0] + (self._run(n) or 0.0))
+        return {n: (self.slots[n][0][0], self.slots[n][0][0] + (self._run(n) or 0.0))
                 for n in names if self.slots[n]}  # fmt: skip
 
     def best(self, among: Iterable[str] | None = None) -> Choice:
@@ -190,14 +195,15 @@ class Plan:
         name = next(n for n, (_, finish) in options.items() if finish <= fastest * (1 + TIE))
         start, finish = options[name]
         others = {n: round(f, 1) for n, (_, f) in options.items() if n != name}
-        return Choice(name, start, finish, others)
+        return Choice(name, start, finish, others, own_turn=self.slots[name][0][1])
 
     def take(self, name: str) -> None:
-        start, run = heapq.heappop(self.slots[name]), self._run(name)
+        (start, _), run = heapq.heappop(self.slots[name]), self._run(name)
         if self.limited[name] or start == 0.0:
             # Our own slot: it passes to our next job when this one ends (at an unknown time
             # when nobody knows its run time). A free node we take now is ours too until then.
-            heapq.heappush(self.slots[name], math.inf if run is None else start + run)
+            end = math.inf if run is None else start + run
+            heapq.heappush(self.slots[name], (end, self.limited[name]))
 
 
 def place(plan: Plan, allowed: Sequence[Iterable[str] | None]) -> list[Choice]:
