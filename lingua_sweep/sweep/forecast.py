@@ -183,7 +183,7 @@ class Forecaster:
                 # leaves nothing here.)
                 target = None
             targets.append(target)
-            if target is not None:
+            if target is not None and target == choice.cluster:  # a prediction, not a default
                 forecasts[job.index] = self._forecast(target, choice, now, planned=True)
         self.placed = forecasts
         return targets
@@ -269,6 +269,8 @@ class Forecaster:
 
 
 def _clock(epoch: float) -> str:
+    if not math.isfinite(epoch):
+        return "?"
     return time.strftime("%H:%M", time.localtime(epoch))
 
 

@@ -112,11 +112,11 @@ def job_row(job, shared, sweep_dir, live, totals, ended, now) -> Row:
     )
 
 
-def waiting_words(job: JobEntry, reason: str | None = None) -> str | None:
+def waiting_words(job: JobEntry, reason: str | None = None) -> str:
     """Why a job waits (Slurm's `reason`, by default the journal's) and, under time-to-result
     placement, when it should start and where else it could have gone."""
     words = [w for w in (pending_words(reason or job.reason), pending_note(job)) if w]
-    return "; ".join(words) or None
+    return "; ".join(words)
 
 
 def render(rows: list[Row], *, title: str, clusters_note: str = "") -> Table:
