@@ -23,7 +23,7 @@ from lingua_sweep.clusters import (
     parse_sinfo_node,
 )
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import dispatch
+from lingua_sweep.sweep import dispatch, shape
 from lingua_sweep.sweep.params import LauncherParams
 
 
@@ -50,68 +50,68 @@ def test_sinfo_lines_give_free_cpus_and_gpus():
 
 def test_job_shape_is_one_task_per_gpu_and_follows_the_launcher(registry):
     research = registry["research-secure"]
-    assert dispatch.job_shape(research, LauncherParams()).tasks == 8
-    shape = dispatch.job_shape(research, LauncherParams(nodes=2, gpus_per_node=1))
-    assert (shape.nodes, shape.gpus_per_node, shape.tasks_per_node, shape.tasks) == (2, 1, 1, 2)
-    params = dispatch.sbatch_params(research, LauncherParams(gpus_per_node=2), job_name="x")
+    assert shape.job_shape(research, LauncherParams()).tasks == 8
+    two = shape.job_shape(research, LauncherParams(nodes=2, gpus_per_node=1))
+    assert (two.nodes, two.gpus_per_node, two.tasks_per_node, two.tasks) == (2, 1, 1, 2)
+    params = shape.sbatch_params(research, LauncherParams(gpus_per_node=2), job_name="x")
     assert (params["gpus_per_node"], params["ntasks_per_node"], params["partition"]) == (
         2,
         2,
         "batch",
     )
-    assert dispatch.job_shape(registry["local"], LauncherParams(nodes=3)).tasks == 1
+    assert shape.job_shape(registry["local"], LauncherParams(nodes=3)).tasks == 1
 
 
 def test_room_counts_gpus_per_job_not_nodes(registry):
     research = registry["research-secure"]
     cluster = status("research-secure", (64, 8), (64, 3))  # one idle node, one with 3 free GPUs
     assert (
-        dispatch.room(
+        shape.room(
             cluster,
             research,
-            dispatch.JobShape(nodes=1, gpus_per_node=8, tasks_per_node=8, cpus_per_task=1),
+            shape.JobShape(nodes=1, gpus_per_node=8, tasks_per_node=8, cpus_per_task=1),
         )
         == 1
     )
     assert (
-        dispatch.room(
+        shape.room(
             cluster,
             research,
-            dispatch.JobShape(nodes=1, gpus_per_node=1, tasks_per_node=1, cpus_per_task=1),
+            shape.JobShape(nodes=1, gpus_per_node=1, tasks_per_node=1, cpus_per_task=1),
         )
         == 11
     )
     assert (
-        dispatch.room(
+        shape.room(
             cluster,
             research,
-            dispatch.JobShape(nodes=2, gpus_per_node=2, tasks_per_node=2, cpus_per_task=1),
+            shape.JobShape(nodes=2, gpus_per_node=2, tasks_per_node=2, cpus_per_task=1),
         )
         == 1
     )
     # CPU partitions count CPUs; a job bigger than max_nodes fits nowhere.
     cpu = status("research-secure", (4, 0), (4, 0))
     assert (
-        dispatch.room(
+        shape.room(
             cpu,
             research,
-            dispatch.JobShape(nodes=1, gpus_per_node=0, tasks_per_node=2, cpus_per_task=1),
+            shape.JobShape(nodes=1, gpus_per_node=0, tasks_per_node=2, cpus_per_task=1),
         )
         == 4
     )
     assert (
-        dispatch.room(
+        shape.room(
             cpu,
             research,
-            dispatch.JobShape(nodes=5, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1),
+            shape.JobShape(nodes=5, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1),
         )
         == 0
     )
     assert (
-        dispatch.room(
+        shape.room(
             status("x", (4, 0), state="unreachable"),
             research,
-            dispatch.JobShape(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1),
+            shape.JobShape(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1),
         )
         == 0
     )

@@ -27,11 +27,12 @@ from lingua_sweep.sweep import faultpoint, layout
 from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.backends import make_backend
 from lingua_sweep.sweep.compose import JobComposer, JobConfig, is_trainer_config
-from lingua_sweep.sweep.dispatch import Dispatcher, job_shape
+from lingua_sweep.sweep.dispatch import Dispatcher
 from lingua_sweep.sweep.header import project_root, sweep_header
 from lingua_sweep.sweep.journal import QUEUED, SUBMITTING, JobEntry, Journal
 from lingua_sweep.sweep.link import Link
 from lingua_sweep.sweep.params import PLACEMENTS, WHEN_BUSY, LauncherParams
+from lingua_sweep.sweep.shape import job_shape
 from lingua_sweep.sweep.submit import Submitter
 from lingua_sweep.sweep.tails import Tail
 from lingua_sweep.sweep.watch import Watcher

@@ -13,6 +13,7 @@ from typing import Any
 
 from lingua_sweep.sweep import placement as pl
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
+from lingua_sweep.sweep.shape import job_shape, sbatch_params
 
 log = logging.getLogger(__name__)
 TEST_ONLY_NAME = "lingua-sweep-test-only"
@@ -40,8 +41,6 @@ class Forecaster:
         """`sbatch --test-only` on each cluster, on a daemon thread: neither the loop nor the
         launcher's exit waits on a hung login node (each call has its deadline; a later probe
         asks again)."""
-        from lingua_sweep.sweep.dispatch import sbatch_params
-
         c = self.c
         for name in names:
             link = c.links[name]
@@ -135,8 +134,6 @@ class Forecaster:
 
     def _capacity(self, name: str) -> int:
         """How many jobs of the sweep's shape the whole cluster runs at once."""
-        from lingua_sweep.sweep.dispatch import job_shape
-
         link = self.c.links[name]
         shape = job_shape(link.config, self.c.p)
         nodes = len(link.status.nodes) if link.status is not None and link.status.nodes else 1

@@ -23,7 +23,7 @@ from typing import Any
 from hydra.core.singleton import Singleton
 
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import dispatch, faultpoint, layout, remote
+from lingua_sweep.sweep import faultpoint, layout, remote, shape
 from lingua_sweep.sweep.compose import is_trainer_config
 from lingua_sweep.sweep.job import JobTask
 from lingua_sweep.sweep.journal import JobEntry
@@ -99,8 +99,8 @@ class Submitter:
         return Batch(
             batch=batch, cluster=cl.name, indices=[j.index for j in share],
             folder=f"{base}/.submitit/%j", fence=layout.fence_dir(base),
-            tasks=dispatch.job_shape(cl, c.p).tasks, remote_dirs=remote_dirs or None, work=work,
-            params=dispatch.sbatch_params(cl, c.p, job_name=batch),
+            tasks=shape.job_shape(cl, c.p).tasks, remote_dirs=remote_dirs or None, work=work,
+            params=shape.sbatch_params(cl, c.p, job_name=batch),
         )  # fmt: skip
 
     # --- on the cluster's worker thread ------------------------------------------------------
