@@ -73,7 +73,8 @@ class _Template:
         self.trainer = is_trainer_config(config)
 
 
-MEMORY_GROUPS = ("model", "data", "optim", "distributed")  # what a job's peak memory depends on
+# What a job's size (its FLOPs, its peak memory) depends on, besides its shape's template.
+SIZING_KEYS = ("steps", "model", "data", "optim", "distributed")
 
 
 class JobComposer:
@@ -88,9 +89,10 @@ class JobComposer:
         self._parser = None
         self._keys: list[str] | None = None  # the config's keys, for "did you mean"
         # (cluster, processes of a job there) whose GPUs a trainer job must fit; set by the
-        # controller. Fits are cached per memory-relevant part of the config.
+        # controller. Fits are cached per template and sizing values (SIZING_KEYS).
         self.memory_targets: list[tuple[ClusterConfig, int]] = []
         self._fits: dict[tuple, dict[str, str]] = {}
+        self._work: dict[tuple, float | None] = {}  # the same key -> a job's training FLOPs
 
     def _all_groups(self, parent: str) -> set[str]:
         found = set()
@@ -192,11 +194,13 @@ class JobComposer:
             except UserError as e:
                 raise UserError(f"{where}: {e}") from e
             steps = scratch.get("steps")
-            work_flops = _work_flops(scratch)
-            # What a job's memory depends on: its shape and the values it sets there.
-            sizing = tuple(o.input_line for o in values
-                           if o.key_or_group.split(".")[0] in MEMORY_GROUPS)  # fmt: skip
-            too_big_for = self._too_big_for(scratch, where, (id(template), sizing))
+            # Sized once per template and values that size it (an lr sweep: once in all).
+            key = (id(template), tuple(o.input_line for o in values
+                                       if o.key_or_group.split(".")[0] in SIZING_KEYS))  # fmt: skip
+            if key not in self._work:
+                self._work[key] = _work_flops(scratch)
+            work_flops = self._work[key]
+            too_big_for = self._too_big_for(scratch, where, key)
         touches_data = any(o.key_or_group.split(".")[0] in ("data", "cluster") for o in values)
         config = JobConfig(
             template.config, [o.input_line for o in values], [o.input_line for o in task],
