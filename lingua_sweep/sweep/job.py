@@ -11,6 +11,7 @@ import re
 import socket
 import time
 import traceback
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,23 @@ def write_status(job_dir: Path, **fields: Any) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(current, indent=1, default=str))
     tmp.replace(path)
+
+
+# Below Linux's ephemeral range (32768-60999), where every outgoing connection on the node takes
+# its local port: submitit's default (20000-60000) collided with one on a busy node (EADDRINUSE).
+MASTER_PORTS = range(20000, 32768)
+
+
+def master_port(job_id: str, environ=os.environ) -> int:
+    """The torch master's port, the same in every task of a job and different across jobs.
+
+    A port Slurm reserved for the step (`MpiParams=ports=...`, SLURM_STEP_RESV_PORTS) is taken
+    first: no other step on the node holds it. Otherwise one derived from the job id.
+    """
+    reserved = environ.get("SLURM_STEP_RESV_PORTS", "")
+    if match := re.match(r"\d+", reserved):
+        return int(match.group())
+    return MASTER_PORTS[zlib.crc32(job_id.encode()) % len(MASTER_PORTS)]
 
 
 class JobTask:
@@ -62,7 +80,10 @@ class JobTask:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
             # One process per GPU: expose torchrun's variables for torch.distributed.
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            os.environ.setdefault("MASTER_PORT", str(master_port(str(env.job_id))))
+            submitit.helpers.TorchDistributedEnvironment().export(
+                set_cuda_visible_devices=False, overwrite=True
+            )
         # A JobConfig (its shape's template and its values, made whole here), or a composed
         # config (a job pickled by an earlier version).
         whole = getattr(self.config, "materialize", None)
