@@ -55,6 +55,18 @@ def test_placing_many_jobs_uses_each_slot_once():
     ]  # fmt: skip
 
 
+def test_beyond_free_nodes_a_cluster_turns_over_and_those_jobs_wait_here():
+    # `a` has 2 free nodes of 4, a job runs 400 s: one more frees every 100 s. Those slots are
+    # a guess, not a queue place: the jobs wait here (own turn) and are placed again later.
+    # `b` is full and Slurm says 250 s.
+    plan = pl.Plan([outlook("a", room=2, run=400, capacity=4),
+                    outlook("b", start=250, run=400)], n_jobs=5)  # fmt: skip
+    choices = pl.place(plan, [None] * 5)
+    assert [(c.cluster, c.start_s, c.own_turn) for c in choices] == [
+        ("a", 0, False), ("a", 0, False), ("a", 100, True), ("a", 200, True), ("b", 250, False),
+    ]  # fmt: skip
+
+
 def test_our_own_jobs_ends_are_slots_and_nothing_known_is_no_choice():
     plan = pl.Plan([outlook("a", run=100, frees=[30, 80], headroom=0)])
     assert [c.start_s for c in pl.place(plan, [None] * 3)] == [30, 80, 130]
@@ -91,13 +103,17 @@ def test_run_times_come_from_the_gpu_table_then_from_what_the_sweep_saw():
 
 def test_slurm_estimates_are_corrected_by_how_late_they_were_after_three_starts():
     seen = pl.Observed()
-    seen.add_start("a", asked_at=0, slurm_start=1000, started=400)
-    seen.add_start("a", asked_at=0, slurm_start=500, started=250)
-    assert seen.correction("a") == 1.0  # two are not enough
+    assert seen.correction("a") == pl.PRIOR_LATENESS  # nothing seen: the prior
+    seen.add_start("a", asked_at=0, slurm_start=1000, started=800)
+    seen.add_start("a", asked_at=0, slurm_start=500, started=450)
+    assert seen.correction("a") == pl.PRIOR_LATENESS  # two are not enough
     seen.add_start("a", asked_at=100, slurm_start=1100, started=400)
-    assert seen.correction("a") == pytest.approx(0.4)  # median of 0.4, 0.5, 0.3
+    assert seen.correction("a") == pytest.approx(0.8)  # median of 0.8, 0.9, 0.3
     seen.add_start("a", asked_at=0, slurm_start=0.5, started=300)  # "now" says nothing
-    assert seen.correction("a") == pytest.approx(0.4)
+    assert seen.correction("a") == pytest.approx(0.8)
+    # A cluster with too few of its own starts takes the lateness seen on the others.
+    seen.add_start("b", asked_at=0, slurm_start=1000, started=100)
+    assert seen.correction("b") == pytest.approx(0.55)  # median of 0.8, 0.9, 0.3, 0.1
 
 
 def test_slurm_estimates_assume_every_job_runs_to_its_limit():
@@ -122,6 +138,11 @@ def test_the_journal_keeps_each_prediction_and_the_one_a_placement_used():
     ]  # fmt: skip
     job = replay(records).jobs[0]
     assert job.planned["start"] == 50 and job.forecast["start"] == 40
+    # Slurm's own word for this job is its first squeue --start once queued, not a later one.
+    assert job.planned["slurm_own"] == 70
+    later = {"cluster": "a", "at": 3, "start": 30, "slurm_start": 60}
+    again = replay([*records, {"kind": "forecast", "t": 3, "index": 0, "jobs": {"0": later}}])
+    assert again.jobs[0].planned["slurm_own"] == 70
     moved = [*records, {"kind": "moved", "t": 3, "index": 0, "to": "b"}]
     assert replay(moved).jobs[0].planned is None  # a prediction for `a` says nothing of `b`
 
@@ -140,6 +161,9 @@ def test_prediction_errors_per_cluster_against_slurms_own():
     assert forecast.prediction_errors(jobs) == {
         "a": {"jobs": 2, "start_error_s": 15, "slurm_error_s": 350, "run_error_s": 5}
     }
+    # Where Slurm gave the queued job an estimate of its own, that is Slurm's word for it.
+    jobs[1].planned["slurm_own"] = 340
+    assert forecast.prediction_errors(jobs)["a"]["slurm_error_s"] == 170  # median of 300, 40
 
 
 def write_clusters(conf: Path, root: Path, shapes: dict) -> None:
@@ -194,6 +218,18 @@ def test_our_jobs_held_by_our_limit_wait_for_our_own_slots():
     plan = pl.Plan([outlook("a", run=200, frees=[100, 300], pending=[None, 50], headroom=0)])
     assert plan.pending_starts["a"] == [100, 50]
     assert plan.best().start_s == 250  # 50 + 200: the slot Slurm's estimate opens, then ends
+
+
+def test_under_our_limit_a_job_of_ours_pending_there_holds_the_slot_slurm_sees():
+    # Limit 1, none running, ours pending with Slurm's word (60 s): a new job's turn is its
+    # end, not Slurm's estimate for one more job (two were placed on one slot, one a cycle).
+    plan = pl.Plan([outlook("a", run=100, start=50, headroom=1, pending=[60])])
+    assert plan.best().start_s == 160
+
+
+def test_a_job_past_its_predicted_run_time_ends_soon_not_now():
+    assert pl.remaining_s(600, 100) == 500
+    assert pl.remaining_s(600, 700) == pytest.approx(60)  # overran: soon, not a free node
 
 
 def test_a_waiting_job_says_when_it_should_start_and_where_else_it_could_go():

@@ -26,7 +26,8 @@ class Forecaster:
         self.estimates: dict[str, tuple[float | None, float]] = {}
         self.in_flight: dict[str, threading.Event] = {}  # set when its answer is in
         self.asked: dict[str, float] = {}  # cluster -> when last asked (monotonic)
-        self.slurm_start: dict[int, float] = {}  # job index -> squeue --start, latest poll
+        # job index -> (cluster, its squeue --start there), latest poll
+        self.slurm_start: dict[int, tuple[str, float]] = {}
         # job index -> (cluster, when, squeue --start) the first time Slurm gave one
         self.first_estimate: dict[int, tuple[str, float, float]] = {}
         self.observed = pl.Observed()
@@ -124,7 +125,7 @@ class Forecaster:
         if run is not None:
             for job in self._ours(name):
                 if job.started_at is not None:
-                    frees.append(max(run - (now - job.started_at), 0.0))
+                    frees.append(pl.remaining_s(run, now - job.started_at))
                 else:
                     expected = self.pending_start(job)
                     pending.append(None if expected is None else expected - now)
@@ -142,14 +143,17 @@ class Forecaster:
         return max(1, nodes * max(per_node, 1) // max(shape.nodes, 1))
 
     def _ours(self, name: str) -> list[JobEntry]:
-        """Our jobs on a cluster that hold or will hold a slot there, in queue order."""
-        return [j for j in self.c.open_jobs()
-                if j.cluster == name and not j.stopping and j.state != SUBMITTING]  # fmt: skip
+        """Our jobs on a cluster that hold or will hold a slot there, in queue order: those
+        still being submitted too (placed on the same slot a cycle later, two jobs were
+        predicted to start at once under a limit of one)."""
+        c = self.c
+        return [j for j in c.open_jobs() + c.jobs(SUBMITTING)
+                if j.cluster == name and not j.stopping]  # fmt: skip
 
     def pending_start(self, job: JobEntry) -> float | None:
         """When a job pending in a queue is expected to start (epoch, corrected)."""
-        slurm = self.slurm_start.get(job.index)
-        if slurm is None:
+        cluster, slurm = self.slurm_start.get(job.index, (None, None))
+        if slurm is None or cluster != job.cluster:  # none yet, or said where it waited before
             return None
         return self.corrected(job.cluster, slurm, self.c.watcher.pending_seen.get(job.index, 0.0))
 
@@ -253,7 +257,7 @@ class Forecaster:
 
     def note_pending(self, job: JobEntry, slurm_start: float) -> None:
         """A poll's `squeue --start` for a pending job; journaled when it moved noticeably."""
-        self.slurm_start[job.index] = slurm_start
+        self.slurm_start[job.index] = (job.cluster, slurm_start)
         self.first_estimate.setdefault(job.index, (job.cluster, time.time(), slurm_start))
         last = (job.forecast or {}).get("slurm_start")
         now = time.time()
@@ -286,6 +290,12 @@ def pending_note(job: JobEntry) -> str | None:
     return words
 
 
+def slurm_estimate(plan: dict[str, Any]) -> float | None:
+    """Slurm's own estimate of a placed job's start: its first `squeue --start` there, else the
+    `sbatch --test-only` answer the placement saw (epoch)."""
+    return plan.get("slurm_own") or plan.get("slurm_start")
+
+
 def prediction_errors(jobs: list[JobEntry]) -> dict[str, dict[str, Any]]:
     """Per cluster, over the jobs that started where they were placed: median absolute error of
     the predicted start, of Slurm's own estimate (where it gave one) and of the run time (s)."""
@@ -296,8 +306,8 @@ def prediction_errors(jobs: list[JobEntry]) -> dict[str, dict[str, Any]]:
             continue
         row = rows.setdefault(job.cluster, {"start": [], "slurm": [], "run": []})
         row["start"].append(abs(job.started_at - plan["start"]))
-        if plan.get("slurm_start"):
-            row["slurm"].append(abs(job.started_at - plan["slurm_start"]))
+        if slurm := slurm_estimate(plan):
+            row["slurm"].append(abs(job.started_at - slurm))
         if plan.get("run_s") is not None and job.ended_at and job.state == "COMPLETED":
             row["run"].append(abs(job.ended_at - job.started_at - plan["run_s"]))
     return {

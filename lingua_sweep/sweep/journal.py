@@ -55,7 +55,8 @@ class JobEntry:
     stopping: dict[str, Any] | None = None
     history: list[list] = field(default_factory=list)  # [time, state, note]
     # Time-to-result placement's latest prediction for it ({cluster, at, start, slurm_start,
-    # run_s, alt}, epochs), and the one its placement was decided on (`planned`).
+    # run_s, alt}, epochs), and the one its placement was decided on (`planned`, with
+    # `slurm_own`: Slurm's first `squeue --start` for it there, where that differed).
     forecast: dict[str, Any] | None = None
     planned: dict[str, Any] | None = None
     result: dict[str, Any] | None = None  # {status, value, error, step}
@@ -288,9 +289,15 @@ def _apply(state: SweepState, r: dict) -> None:
         for index, forecast in r["jobs"].items():
             entry = state.jobs.get(int(index))
             if entry is not None and not entry.final:
-                entry.forecast = forecast
+                plan = entry.planned
                 if forecast.get("planned"):
                     entry.planned = forecast
+                elif (plan and forecast.get("slurm_start") and "slurm_own" not in plan
+                      and forecast.get("cluster") == plan.get("cluster")):  # fmt: skip
+                    # Slurm's first estimate for this very job once queued (the plan's was
+                    # for one more job; the tenth of a batch waits behind the nine).
+                    entry.planned = {**plan, "slurm_own": forecast["slurm_start"]}
+                entry.forecast = forecast
     elif kind == "stray":
         key = (r["cluster"], r["job_id"])
         state.known_ids.setdefault(key, None)

@@ -3,8 +3,10 @@ per cluster, predicted start + predicted run time, and the placements and moves 
 
 Start: now where the cluster has room; else Slurm's own estimate (`sbatch --test-only` for a job
 not yet submitted, `squeue --start` for one pending) scaled by how Slurm's estimates compared
-with the starts this sweep saw on that cluster: Slurm assumes every running job runs to its time
-limit, and people ask for more time than they use, so its estimates come out late.
+with the starts this sweep saw on that cluster (or on its others, or by half before any): Slurm
+assumes every running job runs to its time limit, and people ask for more time than they use,
+so its estimates come out late. Beyond the next start, a cluster frees a job-sized slot every
+run time / the jobs it holds at once.
 
 Run time: a job's size over a cluster's speed. A trainer job's size is its training FLOPs per GPU
 (`compose.JobConfig.work_flops`); another app's is `expected_run_s` on an H100 node, or, without
@@ -33,6 +35,10 @@ MIN_SAMPLES = 3  # starts seen on a cluster before they correct Slurm's estimate
 RECENT = 50  # the latest observations count: queues and nodes change over a day
 REFERENCE_GPU = "H100"  # what `expected_run_s` is measured on
 BIAS_RANGE = (0.05, 4.0)  # how far Slurm's estimates are corrected, at most
+# Before any start is seen: Slurm's wait taken at half. Its estimate assumes every running job
+# runs to its time limit, and people ask for about twice the time their jobs use.
+PRIOR_LATENESS = 0.5
+OVERRUN = 0.1  # of its predicted run time: when a job past it is still expected to end
 
 
 def table_flops(cluster: ClusterConfig) -> float | None:
@@ -77,7 +83,11 @@ class Observed:
     def correction(self, cluster: str) -> float:
         seen = self.bias.get(cluster, [])[-RECENT:]
         if len(seen) < MIN_SAMPLES:
-            return 1.0
+            # Too few here: the lateness seen on the sweep's other clusters (people ask for
+            # more time than they use everywhere), else none.
+            seen = [b for runs in self.bias.values() for b in runs[-RECENT:]]
+        if len(seen) < MIN_SAMPLES:
+            return PRIOR_LATENESS
         return min(max(statistics.median(seen), BIAS_RANGE[0]), BIAS_RANGE[1])
 
 
@@ -97,6 +107,12 @@ def run_seconds(
     if ratios:
         return size / (flops * statistics.median(ratios))
     return size / flops if in_flops else None
+
+
+def remaining_s(run_s: float, elapsed_s: float) -> float:
+    """When a running job is expected to end. One that ran past its prediction ends soon, not
+    now: its slot is no free node to move a job to (three jobs were moved onto one)."""
+    return max(run_s - elapsed_s, OVERRUN * run_s)
 
 
 @dataclass(kw_only=True)
@@ -152,12 +168,17 @@ class Plan:
         for o in outlooks:
             slots = [(0.0, False)] * max(o.room, 0)
             slots += [(f, True) for f in o.frees_s] if o.limited else []
-            if o.next_start_s is not None:
-                # Slurm's start for one more job, then one more as each of `capacity` job-sized
-                # slots turns over (a saturated cluster frees one every run / capacity).
-                gap = (self._run(o.name) or 0.0) / max(o.capacity, 1)
+            # A saturated cluster frees one job-sized slot every run / capacity.
+            gap = (self._run(o.name) or 0.0) / max(o.capacity, 1)
+            more = n_jobs + len(o.pending_s)
+            if o.room > 0 and not o.limited and gap > 0:
+                # Free nodes now, so nobody waits there: the next ones free as the cluster
+                # turns over. A guess, not a queue place: those jobs wait here and are placed
+                # afresh (perhaps into that room) when it is there.
+                slots += [(k * gap, True) for k in range(1, more + 1)]
+            elif o.next_start_s is not None:
+                # Slurm's start for one more job, then one more as the cluster turns over.
                 first = max(o.next_start_s, 0.0)
-                more = n_jobs + len(o.pending_s)
                 if o.headroom is not None:  # no more than our limit lets run
                     more = min(more, max(o.headroom - o.room, 0))
                 slots += [(first + k * gap, False) for k in range(more)]
@@ -167,8 +188,10 @@ class Plan:
             for start in o.pending_s:
                 if start is not None and not o.limited:
                     starts.append(max(start, 0.0))  # Slurm's estimate of a new job counts it
-                elif start is not None:  # it takes the slot Slurm sees for it, then hands it on
+                elif start is not None:  # it holds one of our limit's slots, then hands it on
                     starts.append(max(start, 0.0))
+                    if slots:
+                        heapq.heappop(slots)
                     run = self._run(o.name)
                     heapq.heappush(slots, (math.inf if run is None else starts[-1] + run, True))
                 elif slots:  # behind our own limit (or its turn in the queue): the next slot
@@ -199,9 +222,9 @@ class Plan:
 
     def take(self, name: str) -> None:
         (start, _), run = heapq.heappop(self.slots[name]), self._run(name)
-        if self.limited[name] or start == 0.0:
+        if self.limited[name] or (start == 0.0 and run is None):
             # Our own slot: it passes to our next job when this one ends (at an unknown time
-            # when nobody knows its run time). A free node we take now is ours too until then.
+            # when nobody knows its run time). Elsewhere the cluster's turnover is the slots.
             end = math.inf if run is None else start + run
             heapq.heappush(self.slots[name], (end, self.limited[name]))
 
