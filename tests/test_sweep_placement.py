@@ -273,6 +273,21 @@ def test_without_a_limit_of_ours_our_ends_go_to_the_queue_and_ours_follow_slurms
     assert [c.start_s for c in pl.place(plan, [None] * 3)] == [400, 700, 1000]
 
 
+def test_the_first_job_in_line_takes_the_first_start_not_the_best_finish_forever():
+    # `fast` frees one of our slots in 100 s (a 300 s finish); `slow` has a node now (a 400 s
+    # finish). The first job's best slot is the wait; had it kept it, every later job would
+    # pass it to the free node, cycle after cycle. The second waits instead.
+    plan = pl.Plan([outlook("fast", run=200, frees=[100], headroom=0),
+                    outlook("slow", room=1, run=400)], n_jobs=2)  # fmt: skip
+    choices = pl.place(plan, [None, None])
+    assert [(c.cluster, c.start_s) for c in choices] == [("slow", 0), ("fast", 100)]
+    # Jobs with other choices (memory) keep their own.
+    plan = pl.Plan([outlook("fast", run=200, frees=[100], headroom=0),
+                    outlook("slow", room=1, run=400)], n_jobs=2)  # fmt: skip
+    choices = pl.place(plan, [["fast"], None])
+    assert [(c.cluster, c.start_s) for c in choices] == [("fast", 100), ("slow", 0)]
+
+
 def test_a_job_is_never_placed_where_it_does_not_fit():
     plan = pl.Plan([outlook("small", room=1, run=100), outlook("big", room=1, run=200)])
     choices = pl.place(plan, [["big"], None])
