@@ -103,10 +103,10 @@ def test_run_times_come_from_the_gpu_table_then_from_what_the_sweep_saw():
 
 def test_slurm_estimates_are_corrected_by_how_late_they_were_after_three_starts():
     seen = pl.Observed()
-    assert seen.correction("a") == pl.PRIOR_LATENESS  # nothing seen: the prior
+    assert seen.correction("a") == 1.0  # nothing seen: Slurm's word as it is
     seen.add_start("a", asked_at=0, slurm_start=1000, started=800)
     seen.add_start("a", asked_at=0, slurm_start=500, started=450)
-    assert seen.correction("a") == pl.PRIOR_LATENESS  # two are not enough
+    assert seen.correction("a") == 1.0  # two are not enough
     seen.add_start("a", asked_at=100, slurm_start=1100, started=400)
     assert seen.correction("a") == pytest.approx(0.8)  # median of 0.8, 0.9, 0.3
     seen.add_start("a", asked_at=0, slurm_start=0.5, started=300)  # "now" says nothing

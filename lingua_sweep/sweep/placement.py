@@ -3,7 +3,7 @@ per cluster, predicted start + predicted run time, and the placements and moves 
 
 Start: now where the cluster has room; else Slurm's own estimate (`sbatch --test-only` for a job
 not yet submitted, `squeue --start` for one pending) scaled by how Slurm's estimates compared
-with the starts this sweep saw on that cluster (or on its others, or by half before any): Slurm
+with the starts this sweep saw on that cluster (or, before three there, on its others): Slurm
 assumes every running job runs to its time limit, and people ask for more time than they use,
 so its estimates come out late. Beyond the next start, a cluster frees a job-sized slot every
 run time / the jobs it holds at once.
@@ -35,9 +35,6 @@ MIN_SAMPLES = 3  # starts seen on a cluster before they correct Slurm's estimate
 RECENT = 50  # the latest observations count: queues and nodes change over a day
 REFERENCE_GPU = "H100"  # what `expected_run_s` is measured on
 BIAS_RANGE = (0.05, 4.0)  # how far Slurm's estimates are corrected, at most
-# Before any start is seen: Slurm's wait taken at half. Its estimate assumes every running job
-# runs to its time limit, and people ask for about twice the time their jobs use.
-PRIOR_LATENESS = 0.5
 OVERRUN = 0.1  # of its predicted run time: when a job past it is still expected to end
 
 
@@ -87,7 +84,7 @@ class Observed:
             # more time than they use everywhere), else none.
             seen = [b for runs in self.bias.values() for b in runs[-RECENT:]]
         if len(seen) < MIN_SAMPLES:
-            return PRIOR_LATENESS
+            return 1.0  # nothing seen yet: Slurm's word as it is
         return min(max(statistics.median(seen), BIAS_RANGE[0]), BIAS_RANGE[1])
 
 
