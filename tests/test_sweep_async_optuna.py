@@ -1,6 +1,12 @@
 """`hydra/sweeper=async_optuna` end to end: trials start as slots free up, failed and pruned
 trials, a study that survives its launcher. The local cluster where Slurm adds nothing; pruning
-(scancel, metrics over ssh) on the real testbed."""
+(scancel, metrics over ssh) on the real testbed.
+
+Where the trainer is what a trial does (a diverging trial, a Ctrl-C that reaches the trainer,
+its config mistakes) the trials train; where the sweeper's bookkeeping is the subject (when the
+next trial starts, what a resumed launcher adopts) they are tests/apps/rank_app.py sleeping
+`sleep_s`: the same sweeper and launcher, without the ~2.5 s of CPU a trainer takes to start.
+"""
 
 import json
 import signal
@@ -37,6 +43,20 @@ def local_cmd(sweep_dir, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+RANK_APP = REPO / "tests" / "apps" / "rank_app.py"
+APP_STUDY = "rank_app"  # the app's study: named after its config, as "debug" is the trainer's
+
+
+def app_cmd(sweep_dir, *args: str) -> list[str]:
+    """local_cmd's sweep of rank_app: a trial returns `value * 100 + 1` after `sleep_s`."""
+    return [
+        sys.executable, str(RANK_APP), "-m", "hydra/launcher=multicluster",
+        "hydra.launcher.clusters=[local]", "hydra.launcher.local_parallel=2",
+        f"hydra.launcher.poll_interval_s={POLL_S}", "hydra/sweeper=async_optuna",
+        "hydra.sweeper.n_jobs=2", f"hydra.sweep.dir={sweep_dir}", *args,
+    ]  # fmt: skip
+
+
 def env() -> dict[str, str]:
     # One thread per job: two jobs' thread pools spinning on 2 cores slow each other down 20x.
     return clean_env(OMP_NUM_THREADS="1")
@@ -56,19 +76,20 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_next_trial_starts_within_one_poll_of_a_trial_ending(tmp_path):
-    # Seeded random sampling gives trials of 3000, 12 and 3000 steps: the short one ends while
-    # the first long one runs, and its slot must go to the third trial at once.
-    result = run_local(
-        tmp_path, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
-        "hydra.sweeper.n_trials=3", "steps=choice(12,3000)", "logging.val_loss_every=1000",
+    # Seeded random sampling gives trials of 5, 0.1 and 5 s: the short one ends while the first
+    # long one runs, and its slot must go to the third trial at once.
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        app_cmd(sweep, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
+                "hydra.sweeper.n_trials=3", "sleep_s=choice(0.1,5)"),
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    sweep = tmp_path / "sweep"
     records = journal_records(sweep)
     jobs = {r["index"]: r for r in records if r["kind"] == "job"}
     assert sorted(jobs) == [0, 1, 2] and [jobs[i]["trial"] for i in range(3)] == [0, 1, 2]
-    steps = {i: next(o for o in jobs[i]["overrides"] if o.startswith("steps=")) for i in jobs}
-    assert steps == {0: "steps=3000", 1: "steps=12", 2: "steps=3000"}
+    sleeps = {i: next(o for o in jobs[i]["overrides"] if o.startswith("sleep_s=")) for i in jobs}
+    assert sleeps == {0: "sleep_s=5", 1: "sleep_s=0.1", 2: "sleep_s=5"}
     submitted = {int(i): r["t"] for r in records if r["kind"] == "submitted" for i in r["job_ids"]}
     finished = {i: json.loads((sweep / str(i) / "status.json").read_text())["finished"]
                 for i in range(3)}  # fmt: skip
@@ -76,11 +97,10 @@ def test_next_trial_starts_within_one_poll_of_a_trial_ending(tmp_path):
     # composition and the submission on a busy 2-core machine.
     assert submitted[2] - finished[1] <= POLL_S + 1.5, (submitted, finished)
     assert finished[0] > submitted[2] + 2.0, "the long trial should still have been running"
-    assert {t.state for t in study_of(sweep).trials} == {optuna.trial.TrialState.COMPLETE}
+    trials = study_of(sweep, APP_STUDY).trials
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert best["n_trials"] == 3 and best["best_value"] == min(
-        t.value for t in study_of(sweep).trials
-    )
+    assert best["n_trials"] == 3 and best["best_value"] == min(t.value for t in trials)
 
 
 def test_a_diverging_trial_fails_and_the_study_completes(tmp_path):
@@ -102,9 +122,9 @@ def test_a_diverging_trial_fails_and_the_study_completes(tmp_path):
 
 def test_a_killed_launcher_is_resumed_and_the_study_ends_at_n_trials(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["hydra.sweeper.n_trials=4", "steps=200", "logging.val_loss_every=100",
-            "optim.lr=tag(log,interval(1e-4,1e-2))", "hydra.sweeper.sampler.seed=0"]  # fmt: skip
-    proc = subprocess.Popen(local_cmd(sweep, *args), cwd=tmp_path, env=env(),
+    args = ["hydra.sweeper.n_trials=4", "sleep_s=2", "value=tag(log,interval(1e-4,1e-2))",
+            "hydra.sweeper.sampler.seed=0"]  # fmt: skip
+    proc = subprocess.Popen(app_cmd(sweep, *args), cwd=tmp_path, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -118,7 +138,7 @@ def test_a_killed_launcher_is_resumed_and_the_study_ends_at_n_trials(tmp_path):
     finally:
         proc.kill()  # SIGKILL: no cleanup at all; the local jobs run on
         proc.wait()
-    result = subprocess.run(local_cmd(sweep, *args), cwd=tmp_path, env=env(),
+    result = subprocess.run(app_cmd(sweep, *args), cwd=tmp_path, env=env(),
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = journal_records(sweep)
@@ -127,7 +147,7 @@ def test_a_killed_launcher_is_resumed_and_the_study_ends_at_n_trials(tmp_path):
     assert jobs == {0: 0, 1: 1, 2: 2, 3: 3}  # n_trials in all, one job each
     submissions = [i for r in records if r["kind"] == "submitted" for i in r["job_ids"]]
     assert sorted(submissions) == ["0", "1", "2", "3"]  # nothing ran twice
-    trials = study_of(sweep).trials
+    trials = study_of(sweep, APP_STUDY).trials
     assert len(trials) == 4 and {t.state.name for t in trials} == {"COMPLETE"}
 
 
@@ -172,19 +192,21 @@ def test_a_trial_asked_but_never_recorded_runs_with_its_params(tmp_path):
     # What a launcher killed between `study.ask()` and the journal's record leaves behind.
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    study = optuna.create_study(study_name="debug", storage=f"sqlite:///{sweep / 'optuna.db'}")
-    study.enqueue_trial({"optim.lr": 0.00123})
+    study = optuna.create_study(study_name=APP_STUDY, storage=f"sqlite:///{sweep / 'optuna.db'}")
+    study.enqueue_trial({"value": 0.00123})
     trial = study.ask()
     trial.set_user_attr("sweep_dir", str(sweep.resolve()))  # this sweep asked for it
-    trial.suggest_float("optim.lr", 1e-4, 1e-2, log=True)
+    trial.suggest_float("value", 1e-4, 1e-2, log=True)
     study.ask()  # killed between ask() and its sweep attribute: in the sweep's own study
-    result = run_local(tmp_path, "hydra.sweeper.n_trials=3", "steps=12",
-                       "optim.lr=tag(log,interval(1e-4,1e-2))")  # fmt: skip
+    result = subprocess.run(
+        app_cmd(sweep, "hydra.sweeper.n_trials=3", "value=tag(log,interval(1e-4,1e-2))"),
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = {r["index"]: r for r in journal_records(sweep) if r["kind"] == "job"}
     assert sorted(jobs[i]["trial"] for i in jobs) == [0, 1, 2]  # both adopted, one more asked
-    assert "optim.lr=0.00123" in next(j for j in jobs.values() if j["trial"] == 0)["overrides"]
-    states = [t.state.name for t in study_of(sweep).trials]
+    assert "value=0.00123" in next(j for j in jobs.values() if j["trial"] == 0)["overrides"]
+    states = [t.state.name for t in study_of(sweep, APP_STUDY).trials]
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE"]  # none left RUNNING for good
 
 

@@ -13,7 +13,7 @@ import urllib.request
 import optuna
 import pytest
 from sweep_helpers import LINGUA_SWEEP, journal_records, wait_for
-from test_sweep_async_optuna import env, local_cmd
+from test_sweep_async_optuna import APP_STUDY, app_cmd, env
 
 
 def chromium() -> str:
@@ -47,8 +47,10 @@ def get_json(url: str):
 def test_the_dashboard_shows_a_running_studys_trials_and_where_they_run(tmp_path):
     browser = chromium()
     sweep = tmp_path / "sweep"
-    cmd = local_cmd(sweep, "hydra.sweeper.n_trials=4", "steps=400", "logging.val_loss_every=200",
-                    "optim.lr=tag(log,interval(1e-4,1e-2))")  # fmt: skip
+    # Trials of rank_app that sleep 5 s (the study, not the trainer, is on the page): the second
+    # pair still runs while Chromium loads it, at no CPU cost to the rest of the run.
+    cmd = app_cmd(sweep, "hydra.sweeper.n_trials=4", "sleep_s=5",
+                  "value=tag(log,interval(1e-4,1e-2))")  # fmt: skip
     run = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)  # fmt: skip
     port = free_port()
@@ -73,7 +75,7 @@ def test_the_dashboard_shows_a_running_studys_trials_and_where_they_run(tmp_path
         [summary] = wait_for(answers, 30, "the dashboard to answer")
         study_id = summary["study_id"]
         # What is finished before the page loads is finished on it (a trial can end meanwhile).
-        study = optuna.load_study(study_name="debug", storage=f"sqlite:///{sweep / 'optuna.db'}")
+        study = optuna.load_study(study_name=APP_STUDY, storage=f"sqlite:///{sweep / 'optuna.db'}")
         done = [t.number for t in study.trials if t.state.is_finished()]
         dom = browse(browser, f"{base}/dashboard/studies/{study_id}/trials", "--dump-dom")
         text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))

@@ -55,16 +55,16 @@ def test_logs_prints_the_tail_and_follows_until_the_job_ends(tmp_path):
     finding.job_logs(str(tmp_path), 0, follow=False, lines=3, out=out)
     assert out.getvalue() == "line 7\nline 8\nline 9\n"
 
-    def later():
-        time.sleep(0.5)
+    def later():  # read every 0.2 s below: line 10 is read well before the job ends
+        time.sleep(0.3)
         with log.open("a") as f:
             f.write("line 10\n")
-        time.sleep(2.5)
+        time.sleep(1.2)
         journal.append("result", index=0, status="COMPLETED", value=1.0)
 
     out = io.StringIO()
     threading.Thread(target=later, daemon=True).start()
-    finding.job_logs(str(tmp_path), 0, follow=True, lines=1, out=out)
+    finding.job_logs(str(tmp_path), 0, follow=True, lines=1, out=out, every_s=0.2)
     assert out.getvalue() == "line 9\nline 10\n"
     with pytest.raises(UserError, match="no job #5"):
         finding.job_logs(str(tmp_path), 5, follow=False)

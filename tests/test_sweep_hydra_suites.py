@@ -30,7 +30,7 @@ def fresh_hydra_version_base():
 
 
 TESTBED_CONF = Path(os.environ.get("LINGUA_TESTBED_DIR", "/tmp/lingua_sweep_testbed")) / "conf"
-FAST = ["hydra.launcher.poll_interval_s=0.2", "hydra.launcher.live=false"]
+FAST = ["hydra.launcher.poll_interval_s=0.1", "hydra.launcher.live=false"]
 LOCAL = ["hydra.launcher.clusters=[local]", *FAST]
 ALPHA = ["hydra.launcher.clusters=[alpha]", f"hydra.searchpath=[file://{TESTBED_CONF}]", *FAST]
 

@@ -129,7 +129,10 @@ def test_a_bad_override_is_one_line_and_submits_nothing(tmp_path, testbed, bad, 
 def test_a_refused_sweep_says_one_line_once_and_leaves_nothing(tmp_path, args, message):
     cmd = [
         sys.executable, str(REPO / "train.py"), "-m", *TINY, "hydra/launcher=multicluster",
-        "hydra.launcher.clusters=[local]", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args,
+        "hydra.launcher.clusters=[local]", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        # The data check answers on the cluster's thread, seen at the next cycle: the default
+        # 5 s poll made this refusal take two of them.
+        "hydra.launcher.poll_interval_s=0.2", *args,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
                             timeout=120)  # fmt: skip

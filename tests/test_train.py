@@ -7,10 +7,12 @@ other trainer test files (test_checkpoint, test_distributed, test_metrics).
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import string
@@ -163,15 +165,21 @@ def one_thread():
 # --- the debug preset learns ---------------------------------------------------------------
 
 
+# The preset's model, data and optimizer for half its 200 steps (its schedule fitted to 100):
+# the bar is met by step 50 (~0.5x here), and 200 steps were the suite's longest run (~25 s).
+LEARNING_BAR_STEPS = 100
+
+
 @pytest.mark.slow
 def test_debug_preset_meets_the_learning_bar(data_root, tmp_path):
     env = child_env(data_root)
-    train_proc("experiment=debug", "cluster=local", f"hydra.run.dir={tmp_path}", env=env)
+    train_proc("experiment=debug", "cluster=local", f"steps={LEARNING_BAR_STEPS}",
+               f"hydra.run.dir={tmp_path}", env=env)  # fmt: skip
     records = read_metrics(tmp_path)
     init = series(records, "loss/init")[0]
     val = series(records, "loss/val")
     final = val[max(val)]
-    assert max(val) == 200
+    assert max(val) == LEARNING_BAR_STEPS
     assert final <= 0.7 * init, f"final loss/val {final:.3f} vs loss/init {init:.3f}"
 
 
@@ -427,27 +435,66 @@ FULL_SHARD = [
 ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def made_once_per_session(tmp_path_factory, name: str):
+    """A directory that this pytest session makes once, whichever of its xdist workers gets
+    there first; the others wait for it and reuse it. Yields (dir, whether to make it now);
+    the dir counts as made only when the block ends without an error."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's own base temp, above each worker's
+    path = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = path / ".made"
+        if done.exists():
+            yield path, False
+            return
+        shutil.rmtree(path, ignore_errors=True)  # a worker that failed midway
+        path.mkdir()
+        yield path, True
+        done.touch()
+
+
 @pytest.fixture(scope="module")
 def rank_runs(tmp_path_factory) -> dict[str, Path]:
     """One rank (batch 4), and two ranks no_shard (2 per rank) and full_shard (1 x acc 2 each).
 
     The no_shard run's directory is named by the microsecond: both ranks must still land in the
-    one directory that rank 0 composed.
+    one directory that rank 0 composed. Made once per session: with `-n 2` the tests using it
+    may run on both workers, and each made them (~20 s of torchrun, on both cores) before.
     """
-    tmp = tmp_path_factory.mktemp("ranks")
-    one, two = same_global_batch_data(tmp / "data", rows_per_rank=2, seq_len=32)
-    runs = {"one": tmp / "one", "no_shard": None, "full_shard": tmp / "full_shard"}
-    run_inprocess(runs["one"], *EQUIV, f"data.root={one}", "data.batch_size=4")
-    env = child_env()
-    train_proc(
-        *EQUIV, f"data.root={two}", "data.batch_size=2", "distributed.fsdp_type=no_shard",
-        "hydra.run.dir=${dump_base}/ns/${now:%H-%M-%S.%f}", f"dump_base={tmp}/outputs",
-        nproc=2, env=env,
-    )  # fmt: skip
+    with made_once_per_session(tmp_path_factory, "ranks") as (tmp, make):
+        one, two = tmp / "data" / "one_rank", tmp / "data" / "two_ranks"
+        runs = {"one": tmp / "one", "no_shard": None, "full_shard": tmp / "full_shard"}
+        if make:
+            assert (one, two) == same_global_batch_data(tmp / "data", rows_per_rank=2, seq_len=32)
+            # The three runs at once (each alone leaves a core idle much of the time: start-up,
+            # rank 0's logging, the other rank waiting in a collective).
+            two_rank_runs = {
+                "no_shard": [
+                    *EQUIV, f"data.root={two}", "data.batch_size=2",
+                    "distributed.fsdp_type=no_shard", f"dump_base={tmp}/outputs",
+                    "hydra.run.dir=${dump_base}/ns/${now:%H-%M-%S.%f}",
+                ],
+                "full_shard": [
+                    *FULL_SHARD, f"data.root={two}", f"hydra.run.dir={runs['full_shard']}",
+                ],
+            }  # fmt: skip
+            procs = {}
+            try:
+                for name, overrides in two_rank_runs.items():
+                    with open(tmp / f"{name}.log", "w") as log:
+                        procs[name] = subprocess.Popen(
+                            train_cmd(*overrides, nproc=2), cwd=REPO, env=child_env(), stdout=log,
+                            stderr=subprocess.STDOUT,
+                        )  # fmt: skip
+                run_inprocess(runs["one"], *EQUIV, f"data.root={one}", "data.batch_size=4")
+            finally:
+                codes = {name: proc.wait(timeout=300) for name, proc in procs.items()}
+            for name, code in codes.items():
+                assert code == 0, (tmp / f"{name}.log").read_text()[-6000:]
     (runs["no_shard"],) = (tmp / "outputs" / "ns").iterdir()  # microseconds, yet one dir
-    train_proc(
-        *FULL_SHARD, f"data.root={two}", f"hydra.run.dir={runs['full_shard']}", nproc=2, env=env,
-    )  # fmt: skip
     runs["data_two"] = two
     return runs
 

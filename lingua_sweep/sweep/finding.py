@@ -94,8 +94,11 @@ def best_of(state, fmt_override) -> str:
     return f"{best.result['value']:.4g} (#{best.index} {varying})".replace(" )", ")")
 
 
-def job_logs(sweep_dir: str, index: int, *, follow: bool, lines: int = 50, out=None) -> int:
-    """The job's log, its last `lines` lines; with `follow`, what it writes until it ends."""
+def job_logs(
+    sweep_dir: str, index: int, *, follow: bool, lines: int = 50, out=None, every_s: float = 2.0
+) -> int:
+    """The job's log, its last `lines` lines; with `follow`, what it writes until it ends (read
+    again every `every_s` seconds)."""
     from lingua_sweep.sweep.verbs import controller_from_journal
 
     out = out or sys.stdout
@@ -129,7 +132,7 @@ def job_logs(sweep_dir: str, index: int, *, follow: bool, lines: int = 50, out=N
         if state.final:
             print(f"[job #{index} {state.state}]", file=sys.stderr)
             return 0
-        time.sleep(2.0)
+        time.sleep(every_s)
         piece = _read(link, path, offset)
         if piece is not None and piece["end"] != offset:
             out.write(piece["text"])
