@@ -72,7 +72,8 @@ POLICIES = {
         "hydra.launcher.placement=priority",
         "hydra.launcher.max_pending_s=null",
     ],  # fmt: skip
-    "dispatcher": ["hydra.launcher.placement=priority"],  # max_pending_s scaled below
+    # Both keep the launcher's default safety net, max_pending_s (600 s), scaled below.
+    "dispatcher": ["hydra.launcher.placement=priority"],
     "time-to-result": ["hydra.launcher.placement=time_to_result"],
 }
 GPUS = 8
@@ -107,7 +108,7 @@ def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path, shape
     sweep = tmp / f"sweep-{shape}-{seed}-{policy}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
     extra = list(POLICIES[policy])
-    if policy == "dispatcher":
+    if policy != "priority-first-idle":
         extra.append(f"hydra.launcher.max_pending_s={600 / speed}")
     # The launcher's clock is real: its intervals shrink with the simulation's speed-up.
     cmd = [sys.executable, str(REPO / "train.py"), "-m", f"data.seed=range(0,{jobs})",

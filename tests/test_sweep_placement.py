@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -114,6 +115,50 @@ def test_slurm_estimates_are_corrected_by_how_late_they_were_after_three_starts(
     # A cluster with too few of its own starts takes the lateness seen on the others.
     seen.add_start("b", asked_at=0, slurm_start=1000, started=100)
     assert seen.correction("b") == pytest.approx(0.55)  # median of 0.8, 0.9, 0.3, 0.1
+
+
+def test_the_jobs_still_waiting_count_in_slurms_lateness():
+    # Four starts were early; the one still waiting has already waited 0.3 of Slurm's estimate.
+    seen = pl.Observed()
+    for asked, estimate, started in [
+        (0, 1000, 100),
+        (0, 1000, 200),
+        (0, 1000, 400),
+        (0, 1000, 500),
+    ]:
+        seen.add_start("a", asked_at=asked, slurm_start=estimate, started=started)
+    assert seen.correction("a") == pytest.approx(0.3)  # the starts alone: median of four
+    seen.waiting = {"a": [0.3]}
+    assert seen.correction("a") == pytest.approx(0.4)  # the late one weighs in (Kaplan-Meier)
+    # A sweep learnt 0.05 from its first starts while its next jobs waited far longer: more
+    # than half are beyond every start seen, so the lateness is at least the largest wait.
+    early = pl.Observed(bias={"a": [0.05, 0.06, 0.07]}, waiting={"a": [0.3, 0.3, 0.3, 0.3]})
+    assert early.correction("a") == pytest.approx(0.3)
+    assert pl.censored_median([0.1, 0.2, 0.4, 0.5], []) == pytest.approx(0.3)  # as statistics'
+
+
+def test_a_job_that_waited_long_expects_what_those_that_waited_as_long_saw():
+    seen = pl.Observed(bias={"a": [0.1, 0.2, 0.4, 0.8, 1.6]})
+    assert seen.correction("a") == pytest.approx(0.4)
+    assert seen.correction("a", waited=0.3) == pytest.approx(0.8)  # of 0.4, 0.8, 1.6
+    # Longer than any start seen: as long again (Lindy), never "about to start" forever.
+    assert seen.correction("a", waited=2.0) == pytest.approx(4.0)
+    assert pl.Observed().correction("a", waited=0.2) == 1.0  # nothing seen: Slurm's word
+    assert pl.Observed().correction("a", waited=1.5) == pytest.approx(3.0)  # until it is late
+
+
+def test_a_job_waits_here_for_its_turn_behind_ours_only_until_that_turn_passes():
+    params = SimpleNamespace(detach=False, probe_every_s=30.0)
+    f = forecast.Forecaster(SimpleNamespace(p=params))
+    job = JobEntry(index=3, overrides=[], config_hash="x")
+    turn = pl.Choice("a", start_s=100.0, finish_s=300.0, alternatives={}, own_turn=True)
+    assert f.holds(job, turn, now=0.0)
+    assert f.holds(job, turn, now=120.0)  # its turn (at 100) may be a poll late
+    # Ours queued there took that turn; a later promise does not hold it again: it queues.
+    later = pl.Choice("a", start_s=500.0, finish_s=700.0, alternatives={}, own_turn=True)
+    assert not f.holds(job, later, now=131.0)
+    params.detach = True  # a detached launcher leaves nothing waiting here
+    assert not f.holds(JobEntry(index=4, overrides=[], config_hash="y"), turn, now=0.0)
 
 
 def test_slurm_estimates_assume_every_job_runs_to_its_limit():

@@ -33,8 +33,10 @@ class Forecaster:
         self.observed = pl.Observed()
         self._started_seen: set[int] = set()  # jobs whose start was observed
         self._done_seen: set[int] = set()  # jobs whose run time was observed
+        self._waiting_at = -1e9  # when the waiting jobs' lateness was last taken (monotonic)
         self._table: dict[str, float | None] | None = None  # cluster -> the GPU table's FLOP/s
         self.placed: dict[int, dict[str, Any]] = {}  # job -> prediction, until it is submitted
+        self.held: dict[int, tuple[float, float]] = {}  # job -> (held since, turn promised) epoch
 
     # --- Slurm's estimates ---------------------------------------------------------------------
 
@@ -83,20 +85,37 @@ class Forecaster:
         config = self.c.configs.get(index)
         return pl.job_size(getattr(config, "work_flops", None), self.c.p.expected_run_s)
 
+    def _asked(self, job: JobEntry) -> tuple[str, float, float] | None:
+        """(cluster, when, start) of Slurm's word on a job: when it was placed, else its first
+        `squeue --start`."""
+        plan = job.planned if (job.planned or {}).get("slurm_start") else None
+        if plan:
+            return plan["cluster"], plan["at"], plan["slurm_start"]
+        return self.first_estimate.get(job.index)
+
     def learn(self) -> None:
         """Run times of finished jobs and starts of planned ones, each counted once (set
-        differences: a 10,000-job sweep costs no Python loop over its finished jobs)."""
+        differences: a 10,000-job sweep costs no Python loop over its finished jobs), and how
+        late the jobs still waiting already are (once a probe)."""
         by_state = self.c.state.by_state
         done = by_state.get("COMPLETED", set())
         for index in (by_state.get("RUNNING", set()) | done) - self._started_seen:
             self._started_seen.add(index)
             job = self.c.state.jobs[index]
-            plan = job.planned if (job.planned or {}).get("slurm_start") else None
-            # Slurm's word when the job was placed, else its first `squeue --start` there.
-            first = self.first_estimate.pop(index, None)
-            asked = (plan["cluster"], plan["at"], plan["slurm_start"]) if plan else first
+            asked = self._asked(job)
+            self.first_estimate.pop(index, None)
             if job.started_at is not None and asked and asked[0] == job.cluster:
                 self.observed.add_start(job.cluster, asked[1], asked[2], job.started_at)
+        if time.monotonic() - self._waiting_at >= self.c.p.probe_every_s:
+            self._waiting_at, now = time.monotonic(), time.time()
+            waiting: dict[str, list[float]] = {}
+            for index in by_state.get("PENDING", set()):
+                job = self.c.state.jobs[index]
+                asked = self._asked(job)
+                bound = pl.wait_ratio(asked[1], asked[2], now) if asked else None
+                if bound is not None and asked[0] == job.cluster and job.started_at is None:
+                    waiting.setdefault(job.cluster, []).append(bound)
+            self.observed.waiting = waiting
         for index in done - self._done_seen:
             self._done_seen.add(index)
             job = self.c.state.jobs[index]
@@ -151,11 +170,19 @@ class Forecaster:
                 if j.cluster == name and not j.stopping]  # fmt: skip
 
     def pending_start(self, job: JobEntry) -> float | None:
-        """When a job pending in a queue is expected to start (epoch, corrected)."""
+        """When a job pending in a queue is expected to start (epoch, corrected): by Slurm's
+        latest estimate, and no sooner than jobs that waited as long as it has started."""
         cluster, slurm = self.slurm_start.get(job.index, (None, None))
         if slurm is None or cluster != job.cluster:  # none yet, or said where it waited before
             return None
-        return self.corrected(job.cluster, slurm, self.c.watcher.pending_seen.get(job.index, 0.0))
+        seen = self.c.watcher.pending_seen.get(job.index, 0.0)
+        start = self.corrected(job.cluster, slurm, seen)
+        asked = self._asked(job)
+        waited = pl.wait_ratio(asked[1], asked[2], time.time()) if asked else None
+        if waited is not None and asked[0] == job.cluster:
+            lateness = self.observed.correction(job.cluster, waited=waited)
+            start = max(start, asked[1] + lateness * (asked[2] - asked[1]))
+        return start
 
     def place(self, queued: list[JobEntry], rooms: dict[str, int], order: list[str],
               queue_on: str | None, too_big: list[dict[str, str]]) -> list[str | None]:  # fmt: skip
@@ -176,18 +203,29 @@ class Forecaster:
                     queue_on if queue_on in ok else next(iter(ok), None))  # fmt: skip
                 target = fallback if c.p.when_busy == "queue" else None
             elif choice.start_s > 0 and (
-                c.p.when_busy != "queue" or (choice.own_turn and not c.p.detach)
+                c.p.when_busy != "queue" or (choice.own_turn and self.holds(job, choice, now))
             ):
                 # No room anywhere now: wait here, as `wait` says; or its turn comes when a job
                 # of ours ends under our limit: no queue place to keep, so it waits here and is
-                # placed afresh (wherever is best then) when a slot frees. (A detached launcher
-                # leaves nothing here.)
+                # placed afresh (wherever is best then) when a slot frees.
                 target = None
+            if target is not None:
+                self.held.pop(job.index, None)
             targets.append(target)
             if target is not None and target == choice.cluster:  # a prediction, not a default
                 forecasts[job.index] = self._forecast(target, choice, now, planned=True)
         self.placed = forecasts
         return targets
+
+    def holds(self, job: JobEntry, choice: pl.Choice, now: float) -> bool:
+        """Whether a job whose turn comes as one of ours ends waits here for it: not past the
+        turn it was first promised, which our jobs queued there took (one job was held 5,000 s
+        while 16 later ones went ahead); then it queues. (A detached launcher leaves nothing
+        here.)"""
+        if self.c.p.detach:
+            return False
+        _, promised = self.held.setdefault(job.index, (now, now + choice.start_s))
+        return now < promised + self.c.p.probe_every_s
 
     def journal_placed(self) -> None:
         """The predictions of the jobs the last placement sent off (its intents are journaled);

@@ -36,6 +36,9 @@ RECENT = 50  # the latest observations count: queues and nodes change over a day
 REFERENCE_GPU = "H100"  # what `expected_run_s` is measured on
 BIAS_RANGE = (0.05, 4.0)  # how far Slurm's estimates are corrected, at most
 OVERRUN = 0.1  # of its predicted run time: when a job past it is still expected to end
+# A wait longer than anything seen is expected to last as long again (the Lindy rule): without
+# it a job past every prediction is always about to start, and nothing moves it.
+LINDY = 2.0
 
 
 def table_flops(cluster: ClusterConfig) -> float | None:
@@ -59,33 +62,66 @@ def job_size(work_flops: float | None, expected_run_s: float | None) -> tuple[fl
 @dataclass
 class Observed:
     """What this sweep has seen on each cluster: speeds (size per second of run) and how late
-    Slurm's start estimates were (actual wait / estimated wait)."""
+    Slurm's start estimates were (actual wait / estimated wait), with the jobs still waiting."""
 
     speeds: dict[str, list[float]] = field(default_factory=dict)
     bias: dict[str, list[float]] = field(default_factory=dict)
+    # cluster -> lower bounds of the lateness of our jobs still waiting there (their wait so
+    # far / Slurm's estimate), refreshed by the forecaster
+    waiting: dict[str, list[float]] = field(default_factory=dict)
 
     def add_run(self, cluster: str, size: float, run_s: float) -> None:
         if run_s > 0:
             self.speeds.setdefault(cluster, []).append(size / run_s)
 
     def add_start(self, cluster: str, asked_at: float, slurm_start: float, started: float):
-        estimated = slurm_start - asked_at
-        if estimated > 1.0:  # an estimate of "now" says nothing about Slurm's lateness
-            self.bias.setdefault(cluster, []).append(max(started - asked_at, 0.0) / estimated)
+        if (lateness := wait_ratio(asked_at, slurm_start, started)) is not None:
+            self.bias.setdefault(cluster, []).append(lateness)
 
     def speed(self, cluster: str) -> float | None:
         seen = self.speeds.get(cluster, [])[-RECENT:]
         return statistics.median(seen) if len(seen) >= 1 else None
 
-    def correction(self, cluster: str) -> float:
-        seen = self.bias.get(cluster, [])[-RECENT:]
+    def correction(self, cluster: str, waited: float = 0.0) -> float:
+        """Slurm's lateness there: the median of what was seen, for a job that has already
+        waited `waited` x Slurm's estimate the median of those that waited at least as long."""
+        seen, waiting = self.bias.get(cluster, [])[-RECENT:], self.waiting.get(cluster, [])
         if len(seen) < MIN_SAMPLES:
             # Too few here: the lateness seen on the sweep's other clusters (people ask for
             # more time than they use everywhere), else none.
             seen = [b for runs in self.bias.values() for b in runs[-RECENT:]]
-        if len(seen) < MIN_SAMPLES:
-            return 1.0  # nothing seen yet: Slurm's word as it is
-        return min(max(statistics.median(seen), BIAS_RANGE[0]), BIAS_RANGE[1])
+            waiting = [w for bounds in self.waiting.values() for w in bounds]
+        if len(seen) < MIN_SAMPLES:  # nothing seen yet: Slurm's word as it is, until it is late
+            return max(1.0, LINDY * waited)
+        lateness = censored_median(seen, waiting, above=waited)
+        return min(max(lateness, BIAS_RANGE[0]), max(BIAS_RANGE[1], LINDY * waited))
+
+
+def wait_ratio(asked_at: float, slurm_start: float, until: float) -> float | None:
+    """A wait from `asked_at` until `until` over Slurm's estimate made then; None when Slurm
+    said "now" (which says nothing about its lateness)."""
+    estimated = slurm_start - asked_at
+    return max(until - asked_at, 0.0) / estimated if estimated > 1.0 else None
+
+
+def censored_median(seen: Sequence[float], waiting: Sequence[float], above: float = 0.0) -> float:
+    """The median of a lateness from the values seen and lower bounds of those still waiting,
+    among values above `above` (Kaplan-Meier). The starts alone are the lucky jobs: a sweep
+    learnt 0.05 from its first four and then waited 0.3 for the next four; those still waiting
+    are the late ones. Where more than half wait beyond every start seen, the largest bound; where
+    nothing was seen above, LINDY x `above`."""
+    values = sorted([(v, False) for v in seen if v > above or not above]
+                    + [(v, True) for v in waiting if v > above or not above])  # fmt: skip
+    at_risk, survive = len(values), 1.0
+    for k, (value, censored) in enumerate(values):
+        if not censored:
+            survive *= 1.0 - 1.0 / at_risk
+            if survive <= 0.5 + 1e-9:
+                later = [v for v, c in values[k + 1 :] if not c]
+                # Exactly half: midway to the next, as the median of an even count is.
+                return (value + later[0]) / 2 if survive > 0.5 - 1e-9 and later else value
+        at_risk -= 1
+    return max(values[-1][0] if values else 0.0, LINDY * above)
 
 
 def run_seconds(
