@@ -36,7 +36,7 @@ class Forecaster:
         self._waiting_at = -1e9  # when the waiting jobs' lateness was last taken (monotonic)
         self._table: dict[str, float | None] | None = None  # cluster -> the GPU table's FLOP/s
         self.placed: dict[int, dict[str, Any]] = {}  # job -> prediction, until it is submitted
-        self.held: dict[int, tuple[float, float]] = {}  # job -> (held since, turn promised) epoch
+        self.held: dict[int, float] = {}  # job waiting here -> the turn it was promised (epoch)
 
     # --- Slurm's estimates ---------------------------------------------------------------------
 
@@ -224,7 +224,7 @@ class Forecaster:
         here.)"""
         if self.c.p.detach:
             return False
-        _, promised = self.held.setdefault(job.index, (now, now + choice.start_s))
+        promised = self.held.setdefault(job.index, now + choice.start_s)
         return now < promised + self.c.p.probe_every_s
 
     def journal_placed(self) -> None:

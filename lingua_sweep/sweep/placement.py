@@ -3,10 +3,10 @@ per cluster, predicted start + predicted run time, and the placements and moves 
 
 Start: now where the cluster has room; else Slurm's own estimate (`sbatch --test-only` for a job
 not yet submitted, `squeue --start` for one pending) scaled by how Slurm's estimates compared
-with the starts this sweep saw on that cluster (or, before three there, on its others): Slurm
-assumes every running job runs to its time limit, and people ask for more time than they use,
-so its estimates come out late. Beyond the next start, a cluster frees a job-sized slot every
-run time / the jobs it holds at once.
+with the starts this sweep saw on that cluster (or, before three there, on its others) and with
+the waits so far of the jobs still waiting: Slurm assumes every running job runs to its time
+limit, and people ask for more time than they use, so its estimates come out late. Beyond the
+next start, a cluster frees a job-sized slot every run time / the jobs it holds at once.
 
 Run time: a job's size over a cluster's speed. A trainer job's size is its training FLOPs per GPU
 (`compose.JobConfig.work_flops`); another app's is `expected_run_s` on an H100 node, or, without
