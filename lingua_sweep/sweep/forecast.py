@@ -220,7 +220,7 @@ class Forecaster:
     def holds(self, job: JobEntry, choice: pl.Choice, now: float) -> bool:
         """Whether a job whose turn comes as one of ours ends waits here for it: not past the
         turn it was first promised, which our jobs queued there took (one job was held 5,000 s
-        while 16 later ones went ahead); then it queues. (A detached launcher leaves nothing
+        while 11 later ones went ahead); then it queues. (A detached launcher leaves nothing
         here.)"""
         if self.c.p.detach:
             return False
