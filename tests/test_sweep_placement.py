@@ -161,6 +161,24 @@ def test_a_job_waits_here_for_its_turn_behind_ours_only_until_that_turn_passes()
     assert not f.holds(JobEntry(index=4, overrides=[], config_hash="y"), turn, now=0.0)
 
 
+def test_before_any_start_slurms_estimates_are_as_late_as_others_jobs_end_early():
+    seen = pl.Observed(prior={"a": 0.3})  # others' jobs there used 30% of their limits
+    assert seen.correction("a") == pytest.approx(0.3)
+    assert seen.correction("b") == 1.0  # no history there: Slurm's word
+    assert seen.correction("a", waited=0.5) == pytest.approx(1.0)  # later: as long again
+    seen.bias = {"b": [0.1, 0.1, 0.1]}  # starts this sweep saw (anywhere) outrank it
+    assert seen.correction("a") == pytest.approx(0.1)
+
+
+def test_the_simulators_history_is_its_other_users_share_of_their_limits():
+    # Others' runs are exponential (mean 600 s), their limits 3x the mean: median ln 2 / 3.
+    spec = SimSpec(nodes=8, gpus_per_node=8, background_load=0.6, background_duration_s=600.0,
+                   warmup_s=36000.0, seed=3)  # fmt: skip
+    sim = SimCluster("sim", spec)
+    assert sim.others_time_used() == pytest.approx(0.231, abs=0.06)
+    assert SimCluster("idle", SimSpec(nodes=1)).others_time_used() is None  # nobody else
+
+
 def test_slurm_estimates_assume_every_job_runs_to_its_limit():
     sim = SimCluster("sim", SimSpec(nodes=1, gpus_per_node=8, speed=1.0))
     with sim.lock:

@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--account")
     p = sub.add_parser("estimate")
     p.add_argument("--params", required=True, help="JSON of sbatch parameters")
+    p = sub.add_parser("time-used")
+    p.add_argument("--partition")
     args = parser.parse_args(argv)
 
     out = sys.stdout.buffer
@@ -327,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write(_json({"limits": limits.to_json(), "usage": usage}))
     elif args.command == "estimate":
         out.write(_json({"start": slurm_queries.start_estimate(json.loads(args.params))}))
+    elif args.command == "time-used":
+        out.write(_json({"time_used": slurm_queries.others_time_used(args.partition)}))
     return 0
 
 

@@ -62,6 +62,10 @@ class Backend(Protocol):
     def estimate_start(self, params: dict) -> float | None:
         """When Slurm would start a job of these sbatch parameters submitted now (epoch)."""
 
+    def others_time_used(self, partition: str | None) -> float | None:
+        """The median share of their time limit other users' jobs that ended there lately used
+        (sacct); None where that is not known."""
+
 
 def retry(call: Callable[[], T], delays: tuple[float, ...] = RETRY_DELAYS_S) -> T:
     for delay in delays:
@@ -119,6 +123,9 @@ class LocalBackend:
 
     def estimate_start(self, params):
         return None  # no queue: a local job starts when a slot frees
+
+    def others_time_used(self, partition):
+        return None
 
 
 class AgentBackend:
@@ -258,6 +265,10 @@ class AgentBackend:
     def estimate_start(self, params):
         reply = answer(self._agent(["estimate", "--params", json.dumps(params)]), "agent estimate")
         return reply["start"]
+
+    def others_time_used(self, partition):
+        args = ["time-used", *(["--partition", partition] if partition else [])]
+        return answer(self._agent(args), "agent time-used")["time_used"]
 
 
 def make_backend(

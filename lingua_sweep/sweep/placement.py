@@ -69,6 +69,9 @@ class Observed:
     # cluster -> lower bounds of the lateness of our jobs still waiting there (their wait so
     # far / Slurm's estimate), refreshed by the forecaster
     waiting: dict[str, list[float]] = field(default_factory=dict)
+    # cluster -> the share of their time limits other users' jobs used there lately (sacct):
+    # Slurm's lateness before this sweep has seen starts of its own
+    prior: dict[str, float] = field(default_factory=dict)
 
     def add_run(self, cluster: str, size: float, run_s: float) -> None:
         if run_s > 0:
@@ -91,8 +94,11 @@ class Observed:
             # more time than they use everywhere), else none.
             seen = [b for runs in self.bias.values() for b in runs[-RECENT:]]
             waiting = [w for bounds in self.waiting.values() for w in bounds]
-        if len(seen) < MIN_SAMPLES:  # nothing seen yet: Slurm's word as it is, until it is late
-            return max(1.0, LINDY * waited)
+        if len(seen) < MIN_SAMPLES:
+            # Nothing seen yet: as late as others' jobs end before their limits, else Slurm's
+            # word as it is; either until the job is later than that.
+            lateness = max(self.prior.get(cluster, 1.0), BIAS_RANGE[0])
+            return max(lateness, LINDY * waited)
         lateness = censored_median(seen, waiting, above=waited)
         return min(max(lateness, BIAS_RANGE[0]), max(BIAS_RANGE[1], LINDY * waited))
 

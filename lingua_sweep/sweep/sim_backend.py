@@ -74,3 +74,6 @@ class SimBackend:
 
     def estimate_start(self, params: dict) -> float | None:
         return self.sim.estimate(params)
+
+    def others_time_used(self, partition: str | None) -> float | None:
+        return self.sim.others_time_used()

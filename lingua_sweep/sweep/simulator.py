@@ -24,8 +24,10 @@ import itertools
 import json
 import math
 import random
+import statistics
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,8 @@ class SimCluster:
         self.calls: dict[str, int] = {}  # what the controller asked, by kind (calibration)
         self.cpu_s = 0.0
         self.max_running = 0
+        # sacct's history: the share of its time limit each of the other user's jobs used
+        self.others_used: deque[float] = deque(maxlen=500)
         self.warmup = 0.0
         for t in range(0, int(spec.warmup_s), 30):
             self.advance(float(t))
@@ -136,6 +140,8 @@ class SimCluster:
         job.state, job.end = state or job.end_as, t
         self.active.discard(job.id)
         self.running_mine -= job.user == "me"
+        if job.user != "me" and job.start is not None and math.isfinite(job.time_limit):
+            self.others_used.append(min((t - job.start) / job.time_limit, 1.0))
         for n in job.on:
             self.free_gpus[n] += job.gpus
             self.free_cpus[n] += job.cpus
@@ -394,6 +400,13 @@ class SimCluster:
                            duration=0.0, submitted=time.monotonic(),
                            time_limit=(params.get("time") or math.inf) * 60)  # fmt: skip
             return self.expected_starts(probe)[1]
+
+    def others_time_used(self) -> float | None:
+        """sacct's view of the other users' jobs that ended: the median share of its time
+        limit each used."""
+        with self._counted("history"), self.lock:
+            self.advance()
+            return statistics.median(self.others_used) if len(self.others_used) >= 3 else None
 
     def probe(self) -> ClusterStatus:
         with self._counted("probe"), self.lock:

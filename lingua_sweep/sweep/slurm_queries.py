@@ -2,6 +2,7 @@
 name, the user's limits and usage. Plain parsing of squeue/sacct/sacctmgr/scontrol output."""
 
 import getpass
+import statistics
 import time
 from typing import Any
 
@@ -164,3 +165,44 @@ def find_batch(name: str, since: float | None = None) -> list[str]:
 def _array_order(job_id: str) -> tuple[int, int]:
     base, _, index = job_id.partition("_")
     return int(base), int(index or 0)
+
+
+def slurm_duration(text: str) -> float | None:
+    """Slurm's `[D-]HH:MM:SS` (or `MM:SS`) in seconds; None for UNLIMITED, Partition_Limit..."""
+    days, _, clock = text.strip().rpartition("-")
+    try:
+        parts = [float(p) for p in clock.split(":")]
+        seconds = sum(p * 60**k for k, p in enumerate(reversed(parts)))
+        return seconds + 86400 * float(days or 0)
+    except ValueError:
+        return None
+
+
+HISTORY_DAYS = 2  # others' jobs that ended this recently say how people there ask for time
+
+
+def parse_time_used(out: str, me: str) -> float | None:
+    """`sacct -P --format=User,Elapsed,Timelimit` rows -> the median share of their time limit
+    that other users' jobs used; None with fewer than three such jobs."""
+    shares = []
+    for line in out.splitlines():
+        user, elapsed, limit = ([*line.split("|"), "", ""])[:3]
+        if user in ("", me):
+            continue
+        ran, asked = slurm_duration(elapsed), slurm_duration(limit)
+        if ran and asked:  # a job that never ran, or no limit, says nothing
+            shares.append(min(ran / asked, 1.0))
+    return statistics.median(shares) if len(shares) >= 3 else None
+
+
+def others_time_used(partition: str | None, me: str | None = None) -> float | None:
+    """How much of their time limits other users' jobs that ended there lately used (median):
+    Slurm's start estimates count every running job to its limit, so this is how late they
+    come out, before a sweep has seen a start of its own. None where sacct shows no one else
+    (PrivateData=jobs) or too few."""
+    argv = ["sacct", "-a", "-X", "-n", "-P", f"--starttime=now-{HISTORY_DAYS}days",
+            "--endtime=now", "--state=CD,F,TO,CA,OOM,NF,PR",
+            "--format=User,Elapsed,Timelimit"]  # fmt: skip
+    if partition:
+        argv.append(f"--partition={partition}")
+    return parse_time_used(run(argv), me or getpass.getuser())

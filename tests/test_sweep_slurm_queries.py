@@ -1,0 +1,73 @@
+"""What the launcher reads from Slurm: durations as Slurm prints them, and how much of their
+time limits other users' jobs used (sacct), from text and from the real testbed."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lingua_sweep.sweep import slurm_queries as sq
+from lingua_sweep.sweep.backends import answer
+
+slurm = pytest.mark.slurm
+
+
+def test_durations_read_as_slurm_prints_them():
+    assert sq.slurm_duration("1-02:03:04") == 93784
+    assert sq.slurm_duration("00:10:00") == 600
+    assert sq.slurm_duration("05:30") == 330
+    for no_limit in ("UNLIMITED", "Partition_Limit", "", "INVALID"):
+        assert sq.slurm_duration(no_limit) is None
+
+
+def test_others_time_used_is_the_median_share_of_their_limits_without_ours():
+    rows = "\n".join([
+        "bob|00:10:00|00:30:00",  # a third
+        "bob|00:20:00|01:00:00",  # a third
+        "amy|01:00:05|01:00:00",  # ran into its limit (and the 30 s enforcement): all of it
+        "amy|00:00:00|01:00:00",  # cancelled while pending: says nothing
+        "eve|00:05:00|UNLIMITED",  # no limit: says nothing
+        "me|00:01:00|10:00:00",  # ours: Slurm's lateness is about the others
+    ])  # fmt: skip
+    assert sq.parse_time_used(rows, "me") == pytest.approx(1 / 3)
+    assert sq.parse_time_used(rows + "\nbob|00:01:00|01:00:00", "me") == pytest.approx(1 / 3)
+    assert sq.parse_time_used("bob|00:10:00|00:30:00\namy|00:10:00|00:20:00", "me") is None
+
+
+@slurm
+def test_others_time_used_from_the_testbeds_sacct(slurm_testbed, monkeypatch):
+    """Three jobs that use a tenth of their one-minute limit, then sacct as the launcher asks
+    it. The testbed's jobs are all this user's: to the user they are none of the others'."""
+    env = slurm_testbed.env_alpha()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ids = []
+    for _ in range(3):
+        out = subprocess.run(["sbatch", "--parsable", "-p", "batch", "--time=1",
+                              "--output=/dev/null", "--wrap", "sleep 6"], env=env,
+                             capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+        ids.append(out.stdout.strip().split(";")[0])
+    deadline = time.monotonic() + 90
+    mine = ["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "--format=User,Elapsed,Timelimit"]
+    while time.monotonic() < deadline:  # until slurmdbd has them ended
+        state = ["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", "State"]
+        out = subprocess.run(state, env=env, capture_output=True, text=True, timeout=30)
+        if out.stdout.split() == ["COMPLETED"] * 3:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"sacct never showed {ids} COMPLETED")
+    # Slurm's own words for these three: 6-7 s of a one-minute limit each.
+    rows = subprocess.run(mine, env=env, capture_output=True, text=True, timeout=30).stdout
+    assert sq.parse_time_used(rows, "someone-else") == pytest.approx(0.11, abs=0.03), rows
+    # The launcher's query over the partition's last days (the suite's other jobs too).
+    used = sq.others_time_used("batch", me="someone-else")
+    assert used is not None and 0 < used <= 1.0
+    assert sq.others_time_used("batch") is None  # every job there is this user's own
+    # The same through the agent the launcher runs on a cluster's login node.
+    agent = subprocess.run([sys.executable, "-m", "lingua_sweep.sweep.agent", "time-used",
+                            "--partition", "batch"], env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert answer(agent.stdout, "agent time-used") == {"time_used": None}
