@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,6 +169,36 @@ def test_before_any_start_slurms_estimates_are_as_late_as_others_jobs_end_early(
     assert seen.correction("a", waited=0.5) == pytest.approx(1.0)  # later: as long again
     seen.bias = {"b": [0.1, 0.1, 0.1]}  # starts this sweep saw (anywhere) outrank it
     assert seen.correction("a") == pytest.approx(0.1)
+
+
+def test_a_hung_sacct_holds_the_first_placement_only_to_the_probes_timeout():
+    f = forecast.Forecaster(SimpleNamespace())
+    answered = threading.Event()
+
+    class Login:  # Slurm answers at once; sacct over two days of a busy cluster hangs
+        def estimate_start(self, params):
+            return time.time() + 1000
+
+        def others_time_used(self, partition):
+            answered.wait(30)
+            return 0.2
+
+    f.in_flight["a"] = threading.Event()
+    threading.Thread(target=f._estimate, args=("a", Login(), {"partition": "batch"}),
+                     daemon=True).start()  # fmt: skip
+    began = time.monotonic()
+    f.await_first(["a"], timeout_s=0.5)
+    assert 0.4 <= time.monotonic() - began < 3
+    assert f.estimates["a"][0] is not None and not f.observed.prior  # Slurm's word, as it is
+    answered.set()
+    deadline = time.monotonic() + 10
+    while "a" in f.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert f.observed.prior == {"a": 0.2}
+    f.in_flight["a"] = threading.Event()  # a later estimate in flight: no wait for it
+    began = time.monotonic()
+    f.await_first(["a"], timeout_s=5)
+    assert time.monotonic() - began < 0.5
 
 
 def test_the_simulators_history_is_its_other_users_share_of_their_limits():

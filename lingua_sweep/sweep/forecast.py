@@ -26,6 +26,7 @@ class Forecaster:
         self.estimates: dict[str, tuple[float | None, float]] = {}
         self.in_flight: dict[str, threading.Event] = {}  # set when its answer is in
         self.history_asked: set[str] = set()  # clusters whose job history was asked for
+        self.history_pending: set[str] = set()  # ... and is not in yet
         self.asked: dict[str, float] = {}  # cluster -> when last asked (monotonic)
         # job index -> (cluster, its squeue --start there), latest poll
         self.slurm_start: dict[int, tuple[str, float]] = {}
@@ -65,10 +66,14 @@ class Forecaster:
         except Exception as e:  # noqa: BLE001 - an estimate is advice: without one, none
             log.debug("cluster %s: no start estimate (%s)", name, e)
             start = None
-        if start is not None and name not in self.history_asked:
+        history = start is not None and name not in self.history_asked
+        if history:  # the first placement waits for it (within the probe's timeout)
             self.history_asked.add(name)
+            self.history_pending.add(name)
+        self.estimates[name] = (start, asked)  # in use at once, even while sacct is slow
+        if history:
             self._history(name, backend, params.get("partition"))
-        self.estimates[name] = (start, asked)
+            self.history_pending.discard(name)
         self.in_flight.pop(name).set()
 
     def _history(self, name: str, backend, partition: str | None) -> None:
@@ -87,11 +92,12 @@ class Forecaster:
                      "starts", name, 100 * used)  # fmt: skip
 
     def await_first(self, names: list[str], timeout_s: float) -> None:
-        """At a sweep's first placement, the estimates it needs (within the probe's timeout)."""
+        """At a sweep's first placement, the estimates it needs, with the clusters' job
+        history (within the probe's timeout)."""
         deadline = time.monotonic() + timeout_s
         for name in names:
             event = self.in_flight.get(name)
-            if event is not None and name not in self.estimates:
+            if event is not None and (name not in self.estimates or name in self.history_pending):
                 event.wait(max(deadline - time.monotonic(), 0.0))
 
     def corrected(self, cluster: str, start: float, asked: float) -> float:
