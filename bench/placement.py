@@ -1,13 +1,13 @@
 """Time-to-result placement against the policies before it, on simulated clusters shaped like
 the team's four, under the same background traces.
 
-    python bench/placement.py [--shape limits|partitions] [--jobs 24] [--seeds 0,1,2] [--speed 60]
-                              [--parallel 9]
+    python bench/placement.py [--shape limits|partitions|maintenance] [--jobs 24]
+                              [--seeds 0,1,2] [--speed 60] [--parallel 9]
 
 Runs `train.py -m data.seed=range(0,N)` (the default preset: 4,000 steps, one node of 8 GPUs
 per job) through the real multicluster launcher three times per seed, each against four
 simulated Slurm clusters (lingua_sweep/sweep/simulator.py) with the same other users' traces,
-in one of two shapes (`--shape`):
+in one of three shapes (`--shape`):
 
 | cluster | priority | GPUs | limits: nodes, others' load, our MaxJobsPerUser | partitions |
 |---|---|---|---|---|
@@ -19,9 +19,12 @@ in one of two shapes (`--shape`):
 `limits`: large shared clusters where the user's limit (the spec's max nodes) binds first;
 `partitions`: the spec's node counts as partitions shared with lab mates, no per-user limit,
 so a busy partition's queue (and Slurm's estimate of it) decides (partitions: nodes, others'
-load). A job runs ~700 s on an H100 node (the seed's 8xH100 figure), 1.5x that on A100s, 0.83x on
-H200s (lognormal spread 10%); others ask for 3x their mean run time as a limit, so Slurm's
-estimates are late, as on a real cluster. Policies:
+load); `maintenance`: `limits` with a three-hour maintenance reservation on all of
+research-secure-sim's nodes, beginning 30-90 minutes into the sweep (by seed): its nodes are
+idle to sinfo before it, yet a job starts there only if its time limit (60 minutes) ends before
+the reservation begins. A job runs ~700 s on an H100 node (the seed's 8xH100 figure), 1.5x that
+on A100s, 0.83x on H200s (lognormal spread 10%); others ask for 3x their mean run time as a
+limit, so Slurm's estimates are late, as on a real cluster. Policies:
 - `priority-first-idle`: the seed's launch.py: the first cluster in priority order with an idle
   node, else research-secure-sim's queue; never moves (`placement=priority max_pending_s=null`).
 - `dispatcher`: what the launcher did before (`placement=priority`, a job pending 600 s moves
@@ -36,6 +39,7 @@ per job; for time-to-result, the median start-prediction error against Slurm's o
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -69,6 +73,11 @@ SHAPES = {  # name: (priority, gpu type, run-time factor, nodes, others' load, o
         "miso-sim": (4, "H200", 0.83, 1, 0.5, None),
     },
 }
+# The `limits` clusters with research-secure-sim's maintenance announced in Slurm as a
+# reservation on all its nodes: beginning 30-90 minutes into the sweep (by seed), for three
+# hours. Its nodes drain to idle before it (nobody's time limit fits), so sinfo shows room there.
+SHAPES["maintenance"] = SHAPES["limits"]
+MAINTENANCE = {"maintenance": ("research-secure-sim", (1800.0, 5400.0), 10800.0)}
 POLICIES = {
     "priority-first-idle": [
         "hydra.launcher.placement=priority",
@@ -94,6 +103,10 @@ def write_clusters(conf: Path, root: Path, seed: int, speed: float, shape: str) 
                 "background_duration_s": 1800.0, "background_limit_factor": 3.0,
                 "warmup_s": 7200.0, "max_jobs": limit, "speed": speed,
                 "seed": 1000 * seed + k}  # fmt: skip
+        if MAINTENANCE.get(shape, (None,))[0] == name:
+            _, (earliest, latest), duration = MAINTENANCE[shape]
+            start = random.Random(seed).uniform(earliest, latest)
+            spec["reservations"] = [{"start_s": start, "duration_s": duration}]
         # What the trainer achieves there, in simulated time (the launcher's clock is real).
         flops = gpu_spec(gpu).model_flops_per_s * speed
         cluster = {"name": name, "provider": "simulated", "gpus_per_node": GPUS,

@@ -10,7 +10,7 @@ from lingua_sweep.sweep.limits import (
     parse_limits,
     parse_usage,
 )
-from lingua_sweep.sweep.states import not_soon, pending_words
+from lingua_sweep.sweep.states import not_soon, pending_words, set_start
 
 # `sacctmgr -n -P show assoc where user=me format=Account,Partition,QOS,DefaultQOS,MaxJobs,...`
 ASSOC = "research|||normal|||||\nresearch|debug|||2||||\nother||||||||\n"
@@ -100,4 +100,11 @@ def test_pending_reasons_in_words_and_which_ones_will_not_pass_by_waiting():
     assert pending_words("QOSSomethingNew") == "a limit of its QOS (QOSSomethingNew)"
     assert pending_words(None) == ""
     assert not_soon("AssocGrpGRES") and not_soon("ReqNodeNotAvail")
+    # squeue's words on the testbed's real Slurm for a job behind a maintenance reservation
+    reserved = "ReqNodeNotAvail, Reserved for maintenance"
+    assert not_soon(reserved) and pending_words(reserved) == (
+        "its nodes are unavailable (down, drained or reserved) "
+        "(ReqNodeNotAvail, Reserved for maintenance)"
+    )
+    assert set_start(reserved) and not set_start("Priority") and not set_start(None)
     assert not not_soon("Priority") and not not_soon("Resources") and not not_soon(None)

@@ -260,11 +260,15 @@ def test_prediction_errors_per_cluster_against_slurms_own():
     assert forecast.prediction_errors(jobs)["a"]["slurm_error_s"] == 170  # median of 300, 40
 
 
-def write_clusters(conf: Path, root: Path, shapes: dict) -> None:
+def write_clusters(conf: Path, root: Path, shapes: dict, reserved: str | None = None) -> None:
+    """Simulated clusters: name -> (priority, FLOP/s, run time); `reserved` has a maintenance
+    reservation on all its nodes from 60 s into the sweep, for a day."""
     (conf / "cluster").mkdir(parents=True, exist_ok=True)
     for name, (priority, flops, duration) in shapes.items():
         spec = {"nodes": 2, "gpus_per_node": 8, "duration_s": duration, "duration_sigma": 0.0,
                 "speed": 100.0}  # fmt: skip
+        if name == reserved:
+            spec["reservations"] = [{"start_s": 60.0, "duration_s": 86400.0}]
         cluster = {"name": name, "gpus_per_node": 8, "priority": priority, "simulated": spec,
                    "model_flops_per_s": flops, "data_root": str(root),
                    "output_root": str(root)}  # fmt: skip
@@ -304,6 +308,38 @@ def test_the_launcher_sends_a_job_where_it_finishes_first(tmp_path, placement):
                          text=True)  # fmt: skip
     assert "prediction error" in res.stdout and "| fast | 2 |" in res.stdout, res.stdout
     json.dumps([j.planned for j in jobs])  # journaled as plain JSON
+
+
+@pytest.mark.parametrize("placement", ["time_to_result", "priority"])
+def test_idle_nodes_held_for_a_reservation_are_no_room(tmp_path, placement):
+    """The preferred, faster cluster's nodes are idle to sinfo, but a maintenance reservation
+    begins within the jobs' time limit (as `sbatch --test-only` says): time-to-result sends the
+    jobs to the slower one at once; the dispatcher sends them into the reservation and moves
+    them on Slurm's reason (ReqNodeNotAvail), a scancel and a resubmission each."""
+    h100 = 140e12
+    write_clusters(tmp_path / "conf", tmp_path, {
+        "fast": (1, h100, 100.0),  # 1 real second at the simulation's speed
+        "slow": (2, h100 / 2, 200.0),
+    }, reserved="fast")  # fmt: skip
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    out = subprocess.run([
+        sys.executable, str(REPO / "tests" / "apps" / "rank_app.py"), "-m", "value=1,2",
+        "hydra/launcher=multicluster", "hydra.launcher.clusters=[fast,slow]",
+        f"hydra.launcher.placement={placement}", "hydra.launcher.expected_run_s=1",
+        "hydra.launcher.poll_interval_s=0.2", "hydra.launcher.probe_every_s=0.5",
+        "hydra.launcher.live=false", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"hydra.sweep.dir={sweep}",
+    ], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = Journal(sweep).replay().jobs.values()
+    assert all(j.state == "COMPLETED" and j.cluster == "slow" for j in jobs)
+    if placement == "priority":
+        assert all(j.moves == 1 for j in jobs)
+        return
+    assert all(j.moves == 0 for j in jobs)
+    for j in jobs:  # Slurm's word for the reserved cluster, as it is: the reservation's end
+        assert j.planned["alt"]["fast"] - j.planned["at"] == pytest.approx(86460 / 100 + 1, abs=2)
 
 
 def test_our_jobs_held_by_our_limit_wait_for_our_own_slots():

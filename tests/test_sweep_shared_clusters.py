@@ -316,3 +316,50 @@ def test_a_job_waits_for_the_busy_fast_cluster_when_it_finishes_there_first(tmp_
                          capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
     assert "prediction error" in res and "| alpha | 1 |" in res, res
     check_sweep(sweep_dir)
+
+
+def test_idle_nodes_held_for_a_maintenance_reservation_send_the_job_elsewhere(tmp_path, testbed):
+    """alpha's batch nodes are idle to sinfo, but a maintenance reservation begins in two
+    minutes, within the job's time limit, and lasts an hour: Slurm would start the job after
+    it (its `sbatch --test-only` says so). beta is free but marked 3x slower. Time-to-result
+    sends the job to beta at once, where it finishes before alpha's reservation even ends;
+    sinfo's room alone (alpha: faster and preferred) would have parked it for an hour."""
+    import uuid
+
+    from lingua_sweep.sweep.journal import Journal
+
+    sweep_dir = tmp_path / "sweep"
+    h100 = 140e12  # expected_run_s is measured on an H100
+    conf = conf_with(testbed, tmp_path / "conf", "alpha", model_flops_per_s=h100)
+    beta = conf / "cluster" / "beta.yaml"
+    beta.write_text(yaml.safe_dump({**yaml.safe_load(beta.read_text()),
+                                    "model_flops_per_s": h100 / 3}))  # fmt: skip
+    batch = [n for n in testbed.node_names if n.startswith("alpha") and n not in testbed.gpu_nodes]
+    name = f"maint-{uuid.uuid4().hex[:8]}"
+    slurm(testbed, "alpha", "scontrol", "create", "reservation", f"ReservationName={name}",
+          "StartTime=now+120", "Duration=60", f"Nodes={','.join(batch)}", "Flags=MAINT",
+          "Users=root")  # fmt: skip
+    try:
+        states = slurm(testbed, "alpha", "sinfo", "-h", "-p", "batch", "-N", "-o", "%t").split()
+        assert states == ["idle"] * len(batch)  # sinfo's room: nothing says "reserved" yet
+        cmd = app_cmd(testbed, sweep_dir, conf, "value=1", "sleep_s=2",
+                      "hydra.launcher.clusters=[alpha,beta]", "hydra.launcher.expected_run_s=10",
+                      f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}")  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True,
+                              text=True, timeout=240)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reserved_until = time.time() + 3660
+    finally:
+        cancel_leftovers(testbed, sweep_dir)
+        slurm(testbed, "alpha", "scontrol", "delete", f"ReservationName={name}", check=False)
+    [job] = status_json(sweep_dir)["jobs"]
+    assert job["cluster"] == "beta" and job["state"] == "COMPLETED", job
+    assert Journal(sweep_dir).replay().jobs[0].moves == 0  # placed there, not moved there
+    [planned] = [r["jobs"]["0"] for r in journal_records(sweep_dir)
+                 if r["kind"] == "forecast" and r["jobs"].get("0", {}).get("planned")]  # fmt: skip
+    assert planned["cluster"] == "beta" and planned["run_s"] == pytest.approx(30, abs=1)
+    # alpha as Slurm put it: after the reservation (an hour from ~2 minutes on), plus 10 s
+    assert planned["alt"]["alpha"] == pytest.approx(reserved_until + 10, abs=120)
+    ended = next(r["t"] for r in journal_records(sweep_dir) if r["kind"] == "result")
+    assert ended < planned["alt"]["alpha"]
+    check_sweep(sweep_dir)

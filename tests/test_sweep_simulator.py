@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 from omegaconf import OmegaConf
 
@@ -55,6 +56,31 @@ def test_jobs_start_first_fit_in_order_and_pending_ones_say_why(tmp_path):
     assert status["status"] == "COMPLETED" and status["job_id"] == "1000_2"
     assert (tmp_path / "2" / ".hydra" / "overrides.yaml").read_text() == "- x=2\n"
     assert (tmp_path / "2" / "metrics.jsonl").read_text().count("\n") == 5
+
+
+def test_a_maintenance_reservation_holds_idle_nodes_as_slurm_does(tmp_path):
+    """As on the testbed's real Slurm: before a reservation the node is idle to sinfo; a job
+    whose time limit reaches into it pends (ReqNodeNotAvail) and Slurm starts it at the
+    reservation's end; a job that ends before the reservation starts now."""
+    sim = SimCluster("sim", SimSpec(nodes=2, gpus_per_node=8, reservations=[
+        {"start_s": 3600.0, "duration_s": 7200.0, "nodes": 1}]))  # fmt: skip
+    whole = {"nodes": 1, "gpus_per_node": 8, "ntasks_per_node": 1}
+    assert [n.state for n in sim.probe().nodes] == ["idle", "idle"]
+    assert sim.estimate({**whole, "time": 30}) == pytest.approx(time.time(), abs=2)
+    long = sim.submit(tasks(tmp_path, 2), folder="f", params={**whole, "time": 240}, batch="b")
+    reply = sim.poll({"jobs": [{"id": i} for i in long["ids"]], "files": {}, "prefix": "b"})
+    first, second = (reply["states"][i] for i in long["ids"])
+    assert first["state"] == "RUNNING"  # on the node outside the reservation
+    assert second["state"] == "PENDING" and second["reason"].startswith("ReqNodeNotAvail")
+    # At the reservation's end (10,800 s), before the other node frees (its limit: 14,400 s)
+    assert second["start"] == pytest.approx(time.time() + 3600 + 7200, abs=5)
+    assert sim.probe().idle_nodes == 1  # idle to sinfo, yet it runs nothing
+    short = sim.submit(tasks(tmp_path, 1), folder="f", params={**whole, "time": 30}, batch="s")
+    assert sim.poll({"jobs": [{"id": short["ids"][0]}], "files": {},
+                     "prefix": "s"})["states"][short["ids"][0]]["state"] == "RUNNING"  # fmt: skip
+    during = SimCluster("during", SimSpec(nodes=2, reservations=[
+        {"start_s": 0.0, "duration_s": 600.0, "nodes": 1}]))  # fmt: skip
+    assert [n.state for n in during.probe().nodes] == ["maint", "idle"]
 
 
 def test_preemption_failure_and_lag_answer_as_slurm_would(tmp_path):

@@ -222,7 +222,7 @@ class Dispatcher:
         caps = {n: self.headroom(n).submit for n in order}
         too_big = [getattr(c.configs.get(j.index), "too_big_for", None) or {} for j in queued]
         if c.p.placement == "time_to_result":
-            self.forecaster.ask([n for n in order if rooms.get(n, 0) == 0])
+            self.forecaster.ask(order, rooms)
             targets = self.forecaster.place(queued, rooms, order, queue_on, too_big)
             targets = within_caps(targets, caps)
         else:

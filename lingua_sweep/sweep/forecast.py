@@ -14,9 +14,12 @@ from typing import Any
 from lingua_sweep.sweep import placement as pl
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.shape import job_shape, sbatch_params
+from lingua_sweep.sweep.states import set_start
 
 log = logging.getLogger(__name__)
 TEST_ONLY_NAME = "lingua-sweep-test-only"
+# Slurm's "now" for a cluster with room comes within a second or two of when it was asked.
+HELD_SLACK_S = 5.0
 
 
 class Forecaster:
@@ -24,6 +27,11 @@ class Forecaster:
         self.c = controller
         # cluster -> (Slurm's start for a job submitted now, when asked); refreshed each probe.
         self.estimates: dict[str, tuple[float | None, float]] = {}
+        # clusters whose latest estimate was asked while they had room: it speaks of that
+        # room, not of the next job beyond it
+        self.asked_with_room: set[str] = set()
+        # cluster -> Slurm's start for a job there although sinfo showed idle nodes when asked
+        self.held_room: dict[str, float] = {}
         self.in_flight: dict[str, threading.Event] = {}  # set when its answer is in
         self.history_asked: set[str] = set()  # clusters whose job history was asked for
         self.history_pending: set[str] = set()  # ... and is not in yet
@@ -42,10 +50,10 @@ class Forecaster:
 
     # --- Slurm's estimates ---------------------------------------------------------------------
 
-    def ask(self, names: list[str]) -> None:
-        """`sbatch --test-only` on each cluster, on a daemon thread: neither the loop nor the
-        launcher's exit waits on a hung login node (each call has its deadline; a later probe
-        asks again)."""
+    def ask(self, names: list[str], rooms: dict[str, int]) -> None:
+        """`sbatch --test-only` on each cluster, those with room too (their idle nodes may be
+        held), on a daemon thread: neither the loop nor the launcher's exit waits on a hung
+        login node (each call has its deadline; a later probe asks again)."""
         c = self.c
         for name in names:
             link = c.links[name]
@@ -56,16 +64,22 @@ class Forecaster:
             self.asked[name] = time.monotonic()
             params = sbatch_params(link.config, c.p, TEST_ONLY_NAME)
             self.in_flight[name] = threading.Event()
-            threading.Thread(target=self._estimate, args=(name, link.backend, params),
+            threading.Thread(target=self._estimate,
+                             args=(name, link.backend, params, rooms.get(name, 0)),
                              name=f"estimate-{name}", daemon=True).start()  # fmt: skip
 
-    def _estimate(self, name: str, backend, params: dict[str, Any]) -> None:
+    def _estimate(self, name: str, backend, params: dict[str, Any], room: int = 0) -> None:
         asked = time.time()
         try:
             start = backend.estimate_start(params)
         except Exception as e:  # noqa: BLE001 - an estimate is advice: without one, none
             log.debug("cluster %s: no start estimate (%s)", name, e)
             start = None
+        if room > 0:
+            self._note_held(name, start, asked)
+            self.asked_with_room.add(name)
+        else:
+            self.asked_with_room.discard(name)
         history = start is not None and name not in self.history_asked
         if history:  # the first placement waits for it (within the probe's timeout)
             self.history_asked.add(name)
@@ -90,6 +104,28 @@ class Forecaster:
             log.info("cluster %s: other users' jobs used %.0f%% of their time limits lately; "
                      "Slurm's start estimates there are scaled by that until this sweep sees "
                      "starts", name, 100 * used)  # fmt: skip
+
+    def _note_held(self, name: str, start: float | None, asked: float) -> None:
+        """Idle nodes a job cannot use: sinfo showed room, yet Slurm says a job asked for now
+        starts later (a maintenance reservation begins within its time limit, or the nodes are
+        kept for a bigger job). sinfo calls such nodes idle; the room is not room until Slurm
+        says "now" again."""
+        if start is not None and start - asked > HELD_SLACK_S:
+            if name not in self.held_room:
+                log.info("cluster %s: its idle nodes are held until ~%s (a reservation?); "
+                         "jobs go there only if they finish first anyway", name,
+                         _clock(start))  # fmt: skip
+            self.held_room[name] = start
+        else:
+            self.held_room.pop(name, None)
+
+    def slurm_next(self, name: str) -> float | None:
+        """Slurm's start (epoch) for a job beyond the room sinfo shows there. An estimate asked
+        while there was room speaks of that room (unless its nodes were held), not of the next
+        job: a third job was queued on it into a cluster that two had just filled."""
+        if name in self.held_room:
+            return self.held_room[name]
+        return None if name in self.asked_with_room else self.estimates.get(name, (None,))[0]
 
     def await_first(self, names: list[str], timeout_s: float) -> None:
         """At a sweep's first placement, the estimates it needs, with the clusters' job
@@ -162,7 +198,11 @@ class Forecaster:
         # Held to our limit there, only our own jobs' ends make room: Slurm's estimate (free
         # nodes) does not apply.
         headroom = self.c.dispatcher.headroom(name).start
-        if headroom != 0 and self.estimates.get(name, (None,))[0] is not None:
+        held = self.held_room.get(name)
+        if room > 0 and held is not None and held > now:
+            # Not scaled by Slurm's lateness: a reservation's end is no running job's limit.
+            room, start = 0, held - now
+        elif headroom != 0 and self.slurm_next(name) is not None:
             epoch, asked = self.estimates[name]
             start = self.corrected(name, epoch, asked) - now
         frees, pending = [], []
@@ -200,6 +240,8 @@ class Forecaster:
         cluster, slurm = self.slurm_start.get(job.index, (None, None))
         if slurm is None or cluster != job.cluster:  # none yet, or said where it waited before
             return None
+        if set_start(job.reason):  # a reservation's end, a begin time: as Slurm says
+            return slurm
         seen = self.c.watcher.pending_seen.get(job.index, 0.0)
         start = self.corrected(job.cluster, slurm, seen)
         asked = self._asked(job)
@@ -215,7 +257,7 @@ class Forecaster:
         in `self.placed` until `journal_placed` records those of jobs that were submitted."""
         c, now = self.c, time.time()
         self.learn()
-        self.await_first([n for n in order if rooms.get(n, 0) == 0], c.p.probe_timeout_s or 10)
+        self.await_first(order, c.p.probe_timeout_s or 10)
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), queued[0].index, now) for n in order],
                        n_jobs=len(queued))  # fmt: skip
         targets, forecasts = [], {}
@@ -265,8 +307,8 @@ class Forecaster:
 
     def _forecast(self, cluster: str, choice: pl.Choice, now: float, *, planned: bool,
                   slurm_start: float | None = None) -> dict[str, Any]:  # fmt: skip
-        if slurm_start is None and choice.start_s > 0 and cluster in self.estimates:
-            slurm_start = self.estimates[cluster][0]
+        if slurm_start is None and choice.start_s > 0:
+            slurm_start = self.slurm_next(cluster)
         run = choice.finish_s - choice.start_s if cluster == choice.cluster else None
         out = {"cluster": cluster, "at": round(now, 1), "start": round(now + choice.start_s, 1),
                "slurm_start": slurm_start and round(slurm_start, 1),
@@ -285,7 +327,7 @@ class Forecaster:
         ]  # fmt: skip
         if not candidates:
             return []
-        self.ask([n for n in names if rooms.get(n, 0) == 0])
+        self.ask(names, rooms)
         here_names = {j.cluster for j in candidates}
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), candidates[0].index, now)
                         for n in dict.fromkeys([*names, *here_names])],

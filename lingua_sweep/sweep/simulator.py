@@ -69,6 +69,11 @@ class SimSpec:
     seed: int = 0
     # Simulated seconds of the other user's jobs before the sweep arrives: queues as they are.
     warmup_s: float = 0.0
+    # Maintenance reservations: {"start_s": from the sweep's arrival, "duration_s", "nodes": how
+    # many of the cluster's (the first ones; all if absent)}. As in Slurm, a job starts on a node
+    # only if its time limit ends before the reservation begins; sinfo calls the node idle until
+    # then, and "maint" during it.
+    reservations: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +119,12 @@ class SimCluster:
         self.max_running = 0
         # sacct's history: the share of its time limit each of the other user's jobs used
         self.others_used: deque[float] = deque(maxlen=500)
+        # (start, end, nodes) in simulated time
+        self.reservations = [
+            (spec.warmup_s + r["start_s"], spec.warmup_s + r["start_s"] + r["duration_s"],
+             range(min(int(r.get("nodes", spec.nodes)), spec.nodes)))
+            for r in spec.reservations
+        ]  # fmt: skip
         self.warmup = 0.0
         for t in range(0, int(spec.warmup_s), 30):
             self.advance(float(t))
@@ -133,6 +144,12 @@ class SimCluster:
             self._end(self.jobs[job_id], t)
         self._background(now)
         self._start(now)
+
+    def _reserved(self, node: int, t: float, limit: float) -> bool:
+        """Whether a reservation keeps a job with this time limit off the node at time t."""
+        limit = min(limit, DEFAULT_LIMIT_S)
+        return any(start < t + limit and end > t and node in nodes
+                   for start, end, nodes in self.reservations)  # fmt: skip
 
     def _end(self, job: SimJob, t: float, state: str | None = None) -> None:
         if job.state != "RUNNING":
@@ -176,6 +193,11 @@ class SimCluster:
                 continue
             gpus, cpus = self.free_gpus, self.free_cpus
             nodes = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus]
+            if self.reservations and len(nodes) >= job.nodes:
+                nodes = [n for n in nodes if not self._reserved(n, now, job.time_limit)]
+                if len(nodes) < job.nodes:
+                    job.reason = "ReqNodeNotAvail, Reserved for maintenance"
+                    continue
             if len(nodes) < job.nodes:
                 job.reason = "Priority" if resources_noted else "Resources"
                 resources_noted = True
@@ -355,6 +377,7 @@ class SimCluster:
         now = self.now()
         events = [(j.start + min(j.time_limit, DEFAULT_LIMIT_S), j.id)
                   for j in map(self.jobs.get, self.active) if j.state == "RUNNING"]  # fmt: skip
+        events += [(end, "") for _, end, _ in self.reservations if end > now]  # "": none held
         heapq.heapify(events)
         gpus, cpus = list(self.free_gpus), list(self.free_cpus)
         held: dict[str, tuple[list[int], int, int]] = {
@@ -366,12 +389,13 @@ class SimCluster:
             if job.reason.startswith("QOS"):
                 continue  # held by a limit, not by nodes: Slurm gives no start (N/A)
             while True:
-                fit = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus]
+                fit = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus
+                       and not self._reserved(n, t, job.time_limit)]  # fmt: skip
                 if len(fit) >= job.nodes or not events:
                     break
                 end, done = heapq.heappop(events)
                 t = max(t, end)
-                on, g, c = held.pop(done)
+                on, g, c = held.pop(done, ((), 0, 0))
                 for n in on:
                     gpus[n] += g
                     cpus[n] += c
@@ -411,11 +435,15 @@ class SimCluster:
     def probe(self) -> ClusterStatus:
         with self._counted("probe"), self.lock:
             self.advance()
-            nodes = [NodeRoom(name=f"{self.name}{n}", state="idle" if self.free_cpus[n] else
-                              "alloc", free_cpus=self.free_cpus[n], free_gpus=self.free_gpus[n])
+            now = self.now()
+            maint = {n for start, end, nodes in self.reservations if start <= now < end
+                     for n in nodes}  # fmt: skip
+            nodes = [NodeRoom(name=f"{self.name}{n}", state="maint" if n in maint else "idle"
+                              if self.free_cpus[n] else "alloc", free_cpus=self.free_cpus[n],
+                              free_gpus=self.free_gpus[n])
                      for n in range(self.spec.nodes)]  # fmt: skip
             idle = sum(1 for n in range(self.spec.nodes)
-                       if self.free_gpus[n] == self.spec.gpus_per_node
+                       if self.free_gpus[n] == self.spec.gpus_per_node and n not in maint
                        and self.free_cpus[n] == self.spec.cpus_per_node)  # fmt: skip
             return ClusterStatus(name=self.name, state="idle" if idle else "busy",
                                  idle_nodes=idle, total_nodes=self.spec.nodes, reason=None,

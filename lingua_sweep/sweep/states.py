@@ -92,17 +92,35 @@ NOT_SOON = tuple(
 )
 
 
+# Where Slurm's start for a pending job is a set time (a reservation's end, a begin time), not
+# a guess that every running job runs to its limit: its estimate holds as it is.
+SET_START = ("ReqNodeNotAvail", "BeginTime", "Reservation")
+
+
+def reason_code(reason: str | None) -> str:
+    """The reason without Slurm's details ("ReqNodeNotAvail, Reserved for maintenance" ->
+    "ReqNodeNotAvail")."""
+    return (reason or "").split(",")[0].strip()
+
+
 def pending_words(reason: str | None) -> str:
     """A pending reason for a person ("QOS limit: running jobs per user (QOSMax...)")."""
     if not reason:
         return ""
-    words = PENDING_WORDS.get(reason) or (
-        "a limit of its QOS" if reason.startswith("QOS")
-        else "a limit of its account" if reason.startswith("Assoc") else None
+    code = reason_code(reason)
+    words = PENDING_WORDS.get(code) or (
+        "a limit of its QOS" if code.startswith("QOS")
+        else "a limit of its account" if code.startswith("Assoc") else None
     )  # fmt: skip
     return f"{words} ({reason})" if words else reason
 
 
 def not_soon(reason: str | None) -> bool:
     """Whether a pending reason means the job waits for something other than its turn."""
-    return bool(reason) and (reason in NOT_SOON or reason.startswith(("QOS", "Assoc")))
+    code = reason_code(reason)
+    return bool(code) and (code in NOT_SOON or code.startswith(("QOS", "Assoc")))
+
+
+def set_start(reason: str | None) -> bool:
+    """Whether Slurm's start for a job pending for this reason is a set time."""
+    return reason_code(reason) in SET_START
