@@ -277,7 +277,7 @@ class Dispatcher:
         if not stuck:
             return
         self.probe()
-        rooms = self.rooms()
+        rooms = self.forecaster.usable(self.rooms())
         for job in stuck:
             others = {n: r for n, r in rooms.items() if n != job.cluster and c.registry[n].slurm}
             waited = math.inf if not_soon(job.reason) else now - job.submitted_at

@@ -119,6 +119,12 @@ class Forecaster:
         else:
             self.held_room.pop(name, None)
 
+    def usable(self, rooms: dict[str, int]) -> dict[str, int]:
+        """The rooms sinfo shows, less those Slurm holds (the safety net moved four jobs into a
+        maintenance reservation's idle nodes)."""
+        now = time.time()
+        return {n: 0 if self.held_room.get(n, 0.0) > now else r for n, r in rooms.items()}
+
     def slurm_next(self, name: str) -> float | None:
         """Slurm's start (epoch) for a job beyond the room sinfo shows there. An estimate asked
         while there was room speaks of that room (unless its nodes were held), not of the next
@@ -198,10 +204,9 @@ class Forecaster:
         # Held to our limit there, only our own jobs' ends make room: Slurm's estimate (free
         # nodes) does not apply.
         headroom = self.c.dispatcher.headroom(name).start
-        held = self.held_room.get(name)
-        if room > 0 and held is not None and held > now:
+        if room > 0 and self.usable({name: room})[name] == 0:
             # Not scaled by Slurm's lateness: a reservation's end is no running job's limit.
-            room, start = 0, held - now
+            room, start = 0, self.held_room[name] - now
         elif headroom != 0 and self.slurm_next(name) is not None:
             epoch, asked = self.estimates[name]
             start = self.corrected(name, epoch, asked) - now
