@@ -34,13 +34,13 @@ from typing import Any
 
 from lingua_sweep.clusters import ClusterStatus, NodeRoom
 from lingua_sweep.sweep import job as job_lib
-from lingua_sweep.sweep import layout
+from lingua_sweep.sweep import layout, sim_estimates
 from lingua_sweep.sweep.limits import Limits
+from lingua_sweep.sweep.sim_estimates import DEFAULT_LIMIT_S
 from lingua_sweep.sweep.states import WHY_FAILED
 
 ENDS_TO_OUTCOME = {"PREEMPTED": "RESUBMIT", "NODE_FAIL": "RESUBMIT"}
 METRIC_LINES = 5  # metrics.jsonl lines a simulated job writes over its run
-DEFAULT_LIMIT_S = 86400.0  # a job without --time: the partition's limit, as Slurm assumes it
 
 
 @dataclass(kw_only=True)
@@ -371,48 +371,7 @@ class SimCluster:
     # --- Slurm's start estimates (squeue --start, sbatch --test-only) ------------------------
 
     def expected_starts(self, new: SimJob | None = None) -> tuple[dict[str, float], float | None]:
-        """Slurm's own estimate, as wall-clock epochs: every running job runs to its time limit,
-        pending jobs start in priority order (the first `backfill_depth` of them; Slurm leaves
-        the rest without one), and `new`, if given, after them all. Nobody else submits."""
-        now = self.now()
-        events = [(j.start + min(j.time_limit, DEFAULT_LIMIT_S), j.id)
-                  for j in map(self.jobs.get, self.active) if j.state == "RUNNING"]  # fmt: skip
-        events += [(end, "") for _, end, _ in self.reservations if end > now]  # "": none held
-        heapq.heapify(events)
-        gpus, cpus = list(self.free_gpus), list(self.free_cpus)
-        held: dict[str, tuple[list[int], int, int]] = {
-            j.id: (j.on, j.gpus, j.cpus) for j in map(self.jobs.get, self.active) if j.on
-        }
-        order = [self.jobs[i] for i in self.queue[: self.spec.backfill_depth]]
-        t, out, new_start = now, {}, None
-        for job in [*order, *([new] if new else [])]:
-            if job.reason.startswith("QOS"):
-                continue  # held by a limit, not by nodes: Slurm gives no start (N/A)
-            while True:
-                fit = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus
-                       and not self._reserved(n, t, job.time_limit)]  # fmt: skip
-                if len(fit) >= job.nodes or not events:
-                    break
-                end, done = heapq.heappop(events)
-                t = max(t, end)
-                on, g, c = held.pop(done, ((), 0, 0))
-                for n in on:
-                    gpus[n] += g
-                    cpus[n] += c
-            if len(fit) < job.nodes:
-                break  # larger than the whole cluster: no estimate
-            on = fit[: job.nodes]
-            for n in on:
-                gpus[n] -= job.gpus
-                cpus[n] -= job.cpus
-            held[job.id] = (on, job.gpus, job.cpus)
-            heapq.heappush(events, (t + min(job.time_limit, DEFAULT_LIMIT_S), job.id))
-            epoch = time.time() + (t - now) / self.spec.speed
-            if job is new:
-                new_start = epoch
-            else:
-                out[job.id] = epoch
-        return out, new_start
+        return sim_estimates.expected_starts(self, new)
 
     def estimate(self, params: dict) -> float | None:
         """sbatch --test-only: when a job of this shape submitted now would start."""
