@@ -1,13 +1,16 @@
-"""Slurm's start estimates on a simulated cluster (`squeue --start`, `sbatch --test-only`), made
-as Slurm makes them: every running job runs to its time limit; pending jobs are planned in
-priority order (the first `backfill_depth` of them: Slurm leaves the rest without one); a job
-asked about with `--test-only` after them all (on the testbed's Slurm, a new job's start came
-after a pending one's). Nobody else submits.
+"""Slurm's start estimates on a simulated cluster, made as the testbed's Slurm made them: every
+running job runs to its time limit, and pending jobs are planned in priority order (the first
+`backfill_depth` of them: Slurm leaves the rest without one). Nobody else submits.
 
-Under a reservation, each job is planned at the earliest time nodes are free for its whole time
-limit, so one whose limit ends before the reservation begins goes ahead of those that cannot
-(Slurm's backfill; the simulator starts it then too). Without one, jobs of one node never pass
-each other, and a sweep of a thousand pending jobs costs no more than a pass over its queue.
+`squeue --start` (pending jobs): the backfill scheduler's plan. Under a reservation each job is
+planned at the earliest time nodes are free for its whole limit; a job held by the reservation
+starts at its end, and one whose limit ends before it begins may go ahead (the simulator
+starts it then too, as Slurm did).
+
+`sbatch --test-only` (a job not yet submitted): after the pending jobs, planned as if no
+reservation held them, the new job alone kept clear of reservations. So it can be late: on the
+testbed, a 5-minute job was told 60 minutes (a pending job's limit, held by a maintenance
+reservation), and Slurm started one like it at once.
 """
 
 import heapq
@@ -27,36 +30,45 @@ def limit_of(job: "SimJob") -> float:
 def expected_starts(
     cluster: "SimCluster", new: "SimJob | None" = None
 ) -> tuple[dict[str, float], float | None]:
-    """(pending job id -> Slurm's start, `new`'s start), as wall-clock epochs."""
+    """(pending job id -> `squeue --start`, `new`'s `sbatch --test-only`), as wall-clock epochs."""
     now = cluster.now()
     order = [cluster.jobs[i] for i in cluster.queue[: cluster.spec.backfill_depth]]
     # A job held by a limit of ours, not by nodes: Slurm gives it no start (N/A).
-    jobs = [j for j in [*order, *([new] if new else [])] if not j.reason.startswith("QOS")]
-    plan = _backfill if cluster.reservations else _in_order
-    starts = plan(cluster, jobs, now)
+    pending = [j for j in order if not j.reason.startswith("QOS")]
+    starts = (_backfill if cluster.reservations else _in_order)(cluster, pending, now)
+    new_start = None
+    if new is not None:
+        new_start = _in_order(cluster, [*pending, new], now, clear_of_reservations=new).get(new.id)
     wall = time.time()
-    epochs = {i: wall + (t - now) / cluster.spec.speed for i, t in starts.items()}
-    new_start = epochs.pop(new.id, None) if new else None
-    return epochs, new_start
+
+    def epoch(t: float | None) -> float | None:
+        return None if t is None else wall + (t - now) / cluster.spec.speed
+
+    return {i: epoch(t) for i, t in starts.items()}, epoch(new_start)
 
 
-def _in_order(cluster: "SimCluster", jobs: list["SimJob"], now: float) -> dict[str, float]:
+def _in_order(cluster: "SimCluster", jobs: list["SimJob"], now: float,
+              clear_of_reservations: "SimJob | None" = None) -> dict[str, float]:  # fmt: skip
     """Each job at the first end of a running (or planned) job that frees room for it, never
     before the job ahead of it."""
     events = [(j.start + limit_of(j), j.id)
               for j in map(cluster.jobs.get, cluster.active) if j.state == "RUNNING"]  # fmt: skip
+    if clear_of_reservations is not None:
+        events += [(end, "") for _, end, _ in cluster.reservations if end > now]  # "": no job
     heapq.heapify(events)
     gpus, cpus = list(cluster.free_gpus), list(cluster.free_cpus)
     held = {j.id: (j.on, j.gpus, j.cpus) for j in map(cluster.jobs.get, cluster.active) if j.on}
     t, out = now, {}
     for job in jobs:
         while True:
-            fit = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus]
+            fit = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus
+                   and (job is not clear_of_reservations
+                        or not cluster.reserved(n, t, job.time_limit))]  # fmt: skip
             if len(fit) >= job.nodes or not events:
                 break
             end, done = heapq.heappop(events)
             t = max(t, end)
-            on, g, c = held.pop(done)
+            on, g, c = held.pop(done, ((), 0, 0))
             for n in on:
                 gpus[n] += g
                 cpus[n] += c

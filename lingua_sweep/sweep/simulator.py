@@ -145,7 +145,7 @@ class SimCluster:
         self._background(now)
         self._start(now)
 
-    def _reserved(self, node: int, t: float, limit: float) -> bool:
+    def reserved(self, node: int, t: float, limit: float) -> bool:
         """Whether a reservation keeps a job with this time limit off the node at time t."""
         limit = min(limit, DEFAULT_LIMIT_S)
         return any(start < t + limit and end > t and node in nodes
@@ -194,7 +194,7 @@ class SimCluster:
             gpus, cpus = self.free_gpus, self.free_cpus
             nodes = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus]
             if self.reservations and len(nodes) >= job.nodes:
-                nodes = [n for n in nodes if not self._reserved(n, now, job.time_limit)]
+                nodes = [n for n in nodes if not self.reserved(n, now, job.time_limit)]
                 if len(nodes) < job.nodes:
                     job.reason = "ReqNodeNotAvail, Reserved for maintenance"
                     continue
