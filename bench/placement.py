@@ -52,7 +52,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from lingua_sweep.gpus import gpu_spec  # noqa: E402
-from lingua_sweep.sweep import forecast  # noqa: E402
+from lingua_sweep.sweep import predictions  # noqa: E402
 from lingua_sweep.sweep.journal import Journal  # noqa: E402
 
 H100_RUN_S = 700.0
@@ -144,13 +144,13 @@ def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path, shape
     ran = [(j.ended_at - j.started_at) for j in entries if j.started_at and j.ended_at]
     errors = {name: {k: v * speed if k.endswith("_s") and v is not None else v
                      for k, v in row.items()}
-              for name, row in forecast.prediction_errors(entries).items()}  # fmt: skip
+              for name, row in predictions.prediction_errors(entries).items()}  # fmt: skip
     start_err, slurm_err = [], []
     for j in entries:  # jobs placed into a queue, where Slurm gave an estimate
         plan = j.planned
         if plan and plan.get("slurm_start") and j.started_at and plan["cluster"] == j.cluster:
             start_err.append(abs(j.started_at - plan["start"]) * speed)
-            slurm_err.append(abs(j.started_at - forecast.slurm_estimate(plan)) * speed)
+            slurm_err.append(abs(j.started_at - predictions.slurm_estimate(plan)) * speed)
     where: dict[str, int] = {}
     for j in entries:
         where[j.cluster] = where.get(j.cluster, 0) + 1

@@ -244,7 +244,7 @@ def prediction_errors_text(sweep_dir: str | Path) -> str | None:
     """How well time-to-result placement predicted, per cluster (markdown): the median absolute
     error of its start predictions, of Slurm's own estimates, of its run times. None for a
     sweep placed without predictions."""
-    from lingua_sweep.sweep.forecast import prediction_errors
+    from lingua_sweep.sweep.predictions import prediction_errors
 
     journal = read_journal(Path(sweep_dir))
     errors = prediction_errors(list(journal.jobs.values())) if journal else {}

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from lingua_sweep.config import ClusterConfig
-from lingua_sweep.sweep import forecast
+from lingua_sweep.sweep import forecast, predictions
 from lingua_sweep.sweep import placement as pl
 from lingua_sweep.sweep.journal import JobEntry, Journal, replay
 from lingua_sweep.sweep.simulator import SimCluster, SimJob, SimSpec
@@ -252,12 +252,12 @@ def test_prediction_errors_per_cluster_against_slurms_own():
         ran("a", 300, 400, {"cluster": "a", "start": 280, "slurm_start": 700, "run_s": 100}),
         ran("b", 0, 50, {"cluster": "a", "start": 0, "run_s": 10}),  # moved: not scored
     ]
-    assert forecast.prediction_errors(jobs) == {
+    assert predictions.prediction_errors(jobs) == {
         "a": {"jobs": 2, "start_error_s": 15, "slurm_error_s": 350, "run_error_s": 5}
     }
     # Where Slurm gave the queued job an estimate of its own, that is Slurm's word for it.
     jobs[1].planned["slurm_own"] = 340
-    assert forecast.prediction_errors(jobs)["a"]["slurm_error_s"] == 170  # median of 300, 40
+    assert predictions.prediction_errors(jobs)["a"]["slurm_error_s"] == 170  # median of 300, 40
 
 
 def write_clusters(conf: Path, root: Path, shapes: dict, reserved: str | None = None) -> None:

@@ -1,18 +1,19 @@
 """The dispatcher's eyes for time-to-result placement: Slurm's start estimates fetched in the
 background, what this sweep has seen (speeds, how late Slurm's estimates were), each cluster's
 outlook, the placements and moves that `placement` computes from them, and every prediction
-journaled (`forecast` records) beside what happened, so that `results` can score them.
+journaled (`forecast` records) beside what happened, so that `results` can score them
+(`predictions`).
 """
 
 import logging
 import math
-import statistics
 import threading
 import time
 from typing import Any
 
 from lingua_sweep.sweep import placement as pl
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
+from lingua_sweep.sweep.predictions import clock
 from lingua_sweep.sweep.shape import job_shape, sbatch_params
 from lingua_sweep.sweep.states import set_start
 
@@ -25,11 +26,11 @@ HELD_SLACK_S = 5.0
 class Forecaster:
     def __init__(self, controller):
         self.c = controller
-        # cluster -> (Slurm's start for a job submitted now, when asked); refreshed each probe.
+        # cluster -> (Slurm's start for a job submitted now, when asked), asked while it had
+        # no room (an answer for a cluster with room speaks of that room, not of the next job
+        # beyond it: a third job was queued on one into a cluster that two had just filled);
+        # refreshed each probe.
         self.estimates: dict[str, tuple[float | None, float]] = {}
-        # clusters whose latest estimate was asked while they had room: it speaks of that
-        # room, not of the next job beyond it
-        self.asked_with_room: set[str] = set()
         # cluster -> Slurm's start for a job there although sinfo showed idle nodes when asked
         self.held_room: dict[str, float] = {}
         self.in_flight: dict[str, threading.Event] = {}  # set when its answer is in
@@ -75,16 +76,14 @@ class Forecaster:
         except Exception as e:  # noqa: BLE001 - an estimate is advice: without one, none
             log.debug("cluster %s: no start estimate (%s)", name, e)
             start = None
-        if room > 0:
-            self._note_held(name, start, asked)
-            self.asked_with_room.add(name)
-        else:
-            self.asked_with_room.discard(name)
         history = start is not None and name not in self.history_asked
         if history:  # the first placement waits for it (within the probe's timeout)
             self.history_asked.add(name)
             self.history_pending.add(name)
-        self.estimates[name] = (start, asked)  # in use at once, even while sacct is slow
+        if room > 0:
+            self._note_held(name, start, asked)
+        else:
+            self.estimates[name] = (start, asked)  # in use at once, even while sacct is slow
         if history:
             self._history(name, backend, params.get("partition"))
             self.history_pending.discard(name)
@@ -114,7 +113,7 @@ class Forecaster:
             if name not in self.held_room:
                 log.info("cluster %s: its idle nodes are held until ~%s (a reservation?); "
                          "jobs go there only if they finish first anyway", name,
-                         _clock(start))  # fmt: skip
+                         clock(start))  # fmt: skip
             self.held_room[name] = start
         else:
             self.held_room.pop(name, None)
@@ -126,12 +125,8 @@ class Forecaster:
         return {n: 0 if self.held_room.get(n, 0.0) > now else r for n, r in rooms.items()}
 
     def slurm_next(self, name: str) -> float | None:
-        """Slurm's start (epoch) for a job beyond the room sinfo shows there. An estimate asked
-        while there was room speaks of that room (unless its nodes were held), not of the next
-        job: a third job was queued on it into a cluster that two had just filled."""
-        if name in self.held_room:
-            return self.held_room[name]
-        return None if name in self.asked_with_room else self.estimates.get(name, (None,))[0]
+        """Slurm's start (epoch) for a job beyond the room sinfo shows there."""
+        return self.held_room.get(name) or self.estimates.get(name, (None,))[0]
 
     def await_first(self, names: list[str], timeout_s: float) -> None:
         """At a sweep's first placement, the estimates it needs, with the clusters' job
@@ -207,7 +202,7 @@ class Forecaster:
         if room > 0 and self.usable({name: room})[name] == 0:
             # Not scaled by Slurm's lateness: a reservation's end is no running job's limit.
             room, start = 0, self.held_room[name] - now
-        elif headroom != 0 and self.slurm_next(name) is not None:
+        elif headroom != 0 and self.estimates.get(name, (None,))[0] is not None:
             epoch, asked = self.estimates[name]
             start = self.corrected(name, epoch, asked) - now
         frees, pending = [], []
@@ -358,8 +353,8 @@ class Forecaster:
                 # another, and a scancel costs the job its place here.
                 continue
             plan.take(choice.cluster)
-            why = (f"finishes ~{_clock(now + choice.finish_s)} on {choice.cluster}, "
-                   f"~{_clock(now + here)} here")  # fmt: skip
+            why = (f"finishes ~{clock(now + choice.finish_s)} on {choice.cluster}, "
+                   f"~{clock(now + here)} here")  # fmt: skip
             c.record("forecast", index=job.index, jobs={str(job.index): self._forecast(
                 choice.cluster, choice, now, planned=True)})  # fmt: skip
             out.append((job, choice.cluster, why))
@@ -377,51 +372,3 @@ class Forecaster:
         self.c.record("forecast", index=job.index, jobs={str(job.index): {
             "cluster": job.cluster, "at": round(now, 1), "start": round(start, 1),
             "slurm_start": round(slurm_start, 1)}})  # fmt: skip
-
-
-def _clock(epoch: float) -> str:
-    if not math.isfinite(epoch):
-        return "?"
-    return time.strftime("%H:%M", time.localtime(epoch))
-
-
-def pending_note(job: JobEntry) -> str | None:
-    """The live view's and status's words for a queued or pending job's forecast."""
-    f = job.forecast
-    if not f or job.started_at is not None or job.final:
-        return None
-    words = f"starts ~{_clock(f['start'])}"
-    if f.get("slurm_start") and abs(f["slurm_start"] - f["start"]) >= 60:
-        words += f" (Slurm: {_clock(f['slurm_start'])})"
-    alt = f.get("alt") or {}
-    if alt:
-        name, finish = min(alt.items(), key=lambda kv: kv[1])
-        words += f"; {name} would finish ~{_clock(finish)}"
-    return words
-
-
-def slurm_estimate(plan: dict[str, Any]) -> float | None:
-    """Slurm's own estimate of a placed job's start: its first `squeue --start` there, else the
-    `sbatch --test-only` answer the placement saw (epoch)."""
-    return plan.get("slurm_own") or plan.get("slurm_start")
-
-
-def prediction_errors(jobs: list[JobEntry]) -> dict[str, dict[str, Any]]:
-    """Per cluster, over the jobs that started where they were placed: median absolute error of
-    the predicted start, of Slurm's own estimate (where it gave one) and of the run time (s)."""
-    rows: dict[str, dict[str, list[float]]] = {}
-    for job in jobs:
-        plan = job.planned
-        if not plan or job.started_at is None or plan.get("cluster") != job.cluster:
-            continue
-        row = rows.setdefault(job.cluster, {"start": [], "slurm": [], "run": []})
-        row["start"].append(abs(job.started_at - plan["start"]))
-        if slurm := slurm_estimate(plan):
-            row["slurm"].append(abs(job.started_at - slurm))
-        if plan.get("run_s") is not None and job.ended_at and job.state == "COMPLETED":
-            row["run"].append(abs(job.ended_at - job.started_at - plan["run_s"]))
-    return {
-        name: {"jobs": len(row["start"]),
-               **{f"{k}_error_s": statistics.median(v) if v else None for k, v in row.items()}}
-        for name, row in sorted(rows.items())
-    }  # fmt: skip

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from lingua_sweep.results_table import fmt_override
 from lingua_sweep.sweep import layout
-from lingua_sweep.sweep.forecast import pending_note
 from lingua_sweep.sweep.journal import FINAL, JobEntry
+from lingua_sweep.sweep.predictions import pending_note
 from lingua_sweep.sweep.states import pending_words
 from lingua_sweep.sweep.tails import Tail, progress
 
