@@ -184,7 +184,8 @@ def test_a_hung_sacct_holds_the_first_placement_only_to_the_probes_timeout():
             return 0.2
 
     f.in_flight["a"] = threading.Event()
-    threading.Thread(target=f._estimate, args=("a", Login(), {"partition": "batch"}),
+    link = SimpleNamespace(backend=Login())
+    threading.Thread(target=f._estimate, args=("a", link, {"partition": "batch"}),
                      daemon=True).start()  # fmt: skip
     began = time.monotonic()
     f.await_first(["a"], timeout_s=0.5)

@@ -279,7 +279,7 @@ class Controller:
             return  # its code or data is being checked (or missing): nothing journaled
         self.record("intent", **batch.intent())
         faultpoint.hit("submit.intent")
-        link.start(lambda: self.submitter.run(link, batch),
+        link.start(lambda: link.sbatch(lambda: self.submitter.run(link, batch)),
                    lambda out: self.submitter.settle(link, batch, out))  # fmt: skip
         faultpoint.hit("submit.sbatch")
         if not link.config.slurm:

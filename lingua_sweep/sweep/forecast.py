@@ -66,24 +66,28 @@ class Forecaster:
             params = sbatch_params(link.config, c.p, TEST_ONLY_NAME)
             self.in_flight[name] = threading.Event()
             threading.Thread(target=self._estimate,
-                             args=(name, link.backend, params, rooms.get(name, 0)),
+                             args=(name, link, params, rooms.get(name, 0)),
                              name=f"estimate-{name}", daemon=True).start()  # fmt: skip
 
-    def _estimate(self, name: str, backend, params: dict[str, Any], room: int = 0) -> None:
-        asked = time.time()
+    def _estimate(self, name: str, link, params: dict[str, Any], room: int = 0) -> None:
+        asked, began, backend = time.time(), time.monotonic(), link.backend
         try:
             start = backend.estimate_start(params)
         except Exception as e:  # noqa: BLE001 - an estimate is advice: without one, none
             log.debug("cluster %s: no start estimate (%s)", name, e)
             start = None
-        history = start is not None and name not in self.history_asked
+        # Where an estimate is used (no room), with the cluster's job history: sacct over two
+        # days of a busy cluster is no call to make where it would not be used.
+        history = start is not None and room <= 0 and name not in self.history_asked
         if history:  # the first placement waits for it (within the probe's timeout)
             self.history_asked.add(name)
             self.history_pending.add(name)
-        if room > 0:
-            self._note_held(name, start, asked)
-        else:
+        if room <= 0:
             self.estimates[name] = (start, asked)  # in use at once, even while sacct is slow
+        elif link.quiet_since(began):
+            # sinfo showed room: the answer tells whether it is held. (An sbatch of ours landing
+            # meanwhile takes that room itself: then nothing is learnt.)
+            self._note_held(name, start, asked)
         if history:
             self._history(name, backend, params.get("partition"))
             self.history_pending.discard(name)

@@ -43,6 +43,10 @@ class Link:
     submit_after: float = 0.0
     refusals: int = 0
     max_array: int | None = None  # learned from a refusal of an array's size
+    # sbatch calls of ours there in flight, and when the last one ended (monotonic): a Slurm
+    # answer asked meanwhile may count our new jobs, which sinfo's room did not
+    sbatching: int = 0
+    sbatch_done_at: float = -1e9
     ops: list[tuple[Future, Callable, str]] = field(default_factory=list)  # (.., then, kind)
     _queue: queue.Queue | None = None
 
@@ -81,6 +85,19 @@ class Link:
     @property
     def polling(self) -> bool:
         return any(kind == "poll" and not f.done() for f, _, kind in self.ops)
+
+    def sbatch(self, work: Callable[[], Any]) -> Any:
+        """A submission, on this cluster's thread, marked while it runs."""
+        self.sbatching += 1
+        try:
+            return work()
+        finally:
+            self.sbatching -= 1
+            self.sbatch_done_at = time.monotonic()
+
+    def quiet_since(self, t: float) -> bool:
+        """Whether no sbatch of ours ran there since monotonic time t."""
+        return not self.sbatching and self.sbatch_done_at < t
 
     def start(self, work: Callable[[], Any], then: Callable[[Any], None], kind: str = "") -> None:
         """Runs work() on this cluster's thread, after the calls started before it;
