@@ -202,6 +202,36 @@ def test_a_hung_sacct_holds_the_first_placement_only_to_the_probes_timeout():
     assert time.monotonic() - began < 0.5
 
 
+def test_room_is_held_only_on_an_answer_no_sbatch_of_ours_overlapped():
+    """sinfo shows room and Slurm says a job starts in an hour: the room is held (a
+    reservation). The same answer while an sbatch of ours lands there says only that our job
+    took the room: nothing is learnt. "Now" with room frees it again."""
+    from lingua_sweep.sweep.link import Link
+
+    later = [time.time() + 3600]
+    link = Link(
+        config=SimpleNamespace(name="a"),
+        backend=SimpleNamespace(
+            estimate_start=lambda params: later[0], others_time_used=lambda partition: None
+        ),
+    )
+    f = forecast.Forecaster(SimpleNamespace())
+
+    def answer(room: int) -> None:
+        f.in_flight["a"] = threading.Event()
+        f._estimate("a", link, {}, room)
+
+    link.sbatch(lambda: answer(2))  # our array lands while Slurm is asked
+    assert f.usable({"a": 2}) == {"a": 2} and "a" not in f.estimates
+    answer(2)
+    assert f.usable({"a": 2}) == {"a": 0} and f.slurm_next("a") == later[0]
+    later[0] = time.time()
+    answer(2)
+    assert f.usable({"a": 2}) == {"a": 2}
+    answer(0)  # no room: an estimate for the next job beyond it
+    assert f.estimates["a"][0] == later[0]
+
+
 def test_the_simulators_history_is_its_other_users_share_of_their_limits():
     # Others' runs are exponential (mean 600 s), their limits 3x the mean: median ln 2 / 3.
     spec = SimSpec(nodes=8, gpus_per_node=8, background_load=0.6, background_duration_s=600.0,
