@@ -306,6 +306,21 @@ def write_clusters(conf: Path, root: Path, shapes: dict, reserved: str | None = 
         (conf / "cluster" / f"{name}.yaml").write_text(yaml.safe_dump(cluster))
 
 
+def run_rank_app(tmp_path: Path, *args: str) -> Path:
+    """tests/apps/rank_app.py through the launcher on the clusters in tmp_path/conf (each job
+    expected to take 1 s on an H100 node); its sweep dir."""
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    out = subprocess.run([
+        sys.executable, str(REPO / "tests" / "apps" / "rank_app.py"), "-m",
+        "hydra/launcher=multicluster", "hydra.launcher.expected_run_s=1",
+        "hydra.launcher.poll_interval_s=0.2", "hydra.launcher.live=false",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.sweep.dir={sweep}", *args,
+    ], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return sweep
+
+
 @pytest.mark.parametrize("placement", ["time_to_result", "priority"])
 def test_the_launcher_sends_a_job_where_it_finishes_first(tmp_path, placement):
     """Two free simulated clusters: the preferred one 3x slower. Time-to-result sends both
@@ -315,16 +330,8 @@ def test_the_launcher_sends_a_job_where_it_finishes_first(tmp_path, placement):
         "slow": (1, h100 / 3, 300.0),  # 3 real seconds at the simulation's speed
         "fast": (2, h100, 100.0),
     })  # fmt: skip
-    sweep = tmp_path / "sweep"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
-    out = subprocess.run([
-        sys.executable, str(REPO / "tests" / "apps" / "rank_app.py"), "-m", "value=1,2",
-        "hydra/launcher=multicluster", "hydra.launcher.clusters=[slow,fast]",
-        f"hydra.launcher.placement={placement}", "hydra.launcher.expected_run_s=1",
-        "hydra.launcher.poll_interval_s=0.2", "hydra.launcher.live=false",
-        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.sweep.dir={sweep}",
-    ], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = run_rank_app(tmp_path, "value=1,2", "hydra.launcher.clusters=[slow,fast]",
+                         f"hydra.launcher.placement={placement}")  # fmt: skip
     jobs = Journal(sweep).replay().jobs.values()
     assert all(j.state == "COMPLETED" for j in jobs)
     if placement == "priority":
@@ -353,18 +360,10 @@ def test_idle_nodes_held_for_a_reservation_are_no_room(tmp_path, placement):
         "fast": (1, h100, 100.0),  # 1 real second at the simulation's speed
         "slow": (2, h100 / 2, 200.0),
     }, reserved="fast")  # fmt: skip
-    sweep = tmp_path / "sweep"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
-    out = subprocess.run([
-        sys.executable, str(REPO / "tests" / "apps" / "rank_app.py"), "-m", "value=1,2,3",
-        "hydra/launcher=multicluster", "hydra.launcher.clusters=[fast,slow]",
-        f"hydra.launcher.placement={placement}", "hydra.launcher.expected_run_s=1",
-        "hydra.launcher.poll_interval_s=0.2", "hydra.launcher.probe_every_s=0.5",
-        "hydra.launcher.max_pending_s=0.5",
-        "hydra.launcher.live=false", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-        f"hydra.sweep.dir={sweep}",
-    ], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = run_rank_app(tmp_path, "value=1,2,3", "hydra.launcher.clusters=[fast,slow]",
+                         f"hydra.launcher.placement={placement}",
+                         "hydra.launcher.probe_every_s=0.5",
+                         "hydra.launcher.max_pending_s=0.5")  # fmt: skip
     jobs = Journal(sweep).replay().jobs.values()
     assert all(j.state == "COMPLETED" and j.cluster == "slow" for j in jobs)
     if placement == "priority":

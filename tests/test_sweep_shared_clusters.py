@@ -50,6 +50,27 @@ def conf_with(testbed, dest: Path, cluster: str, **settings) -> Path:
     return dest
 
 
+def beta_slower(testbed, dest: Path, factor: float) -> Path:
+    """The testbed's clusters with alpha as fast as an H100 node (what `expected_run_s` is
+    measured on) and beta `factor` times slower."""
+    h100 = 140e12
+    conf = conf_with(testbed, dest, "alpha", model_flops_per_s=h100)
+    beta = conf / "cluster" / "beta.yaml"
+    beta.write_text(yaml.safe_dump({**yaml.safe_load(beta.read_text()),
+                                    "model_flops_per_s": h100 / factor}))  # fmt: skip
+    return conf
+
+
+def one_job_on_alpha_or_beta(testbed, cwd: Path, sweep_dir: Path, conf: Path, sleep_s: float):
+    """One rank_app job that the launcher places on alpha or beta (10 s on an H100 node)."""
+    cmd = app_cmd(testbed, sweep_dir, conf, "value=1", f"sleep_s={sleep_s}",
+                  "hydra.launcher.clusters=[alpha,beta]", "hydra.launcher.expected_run_s=10",
+                  f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}")  # fmt: skip
+    proc = subprocess.run(cmd, cwd=cwd, env=clean_env(), capture_output=True, text=True,
+                          timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @contextlib.contextmanager
 def capped_qos(testbed, **limits):
     """QOS `capped` with these per-user limits (sacctmgr names) for the block, then none."""
@@ -276,11 +297,7 @@ def test_a_job_waits_for_the_busy_fast_cluster_when_it_finishes_there_first(tmp_
     job queues on alpha, starts about when Slurm said, and the prediction is recorded and
     scored (`placement=priority` would have sent it to beta at once)."""
     sweep_dir = tmp_path / "sweep"
-    h100 = 140e12  # expected_run_s is measured on an H100
-    conf = conf_with(testbed, tmp_path / "conf", "alpha", model_flops_per_s=h100)
-    beta = conf / "cluster" / "beta.yaml"
-    beta.write_text(yaml.safe_dump({**yaml.safe_load(beta.read_text()),
-                                    "model_flops_per_s": h100 / 20}))  # fmt: skip
+    conf = beta_slower(testbed, tmp_path / "conf", 20)
     holds = []
     try:
         for _ in range(2):  # both of alpha's batch nodes, each for its one-minute limit
@@ -290,12 +307,7 @@ def test_a_job_waits_for_the_busy_fast_cluster_when_it_finishes_there_first(tmp_
         states = ["squeue", "-h", "-j", ",".join(holds), "-o", "%T"]
         wait_for(lambda: slurm(testbed, "alpha", *states).split() == ["RUNNING"] * 2, 30,
                  "alpha held")  # fmt: skip
-        cmd = app_cmd(testbed, sweep_dir, conf, "value=1", "sleep_s=10",
-                      "hydra.launcher.clusters=[alpha,beta]", "hydra.launcher.expected_run_s=10",
-                      f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}")  # fmt: skip
-        proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True,
-                              text=True, timeout=240)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        one_job_on_alpha_or_beta(testbed, tmp_path, sweep_dir, conf, sleep_s=10)
     finally:
         cancel_leftovers(testbed, sweep_dir)
         if holds:
@@ -329,11 +341,7 @@ def test_idle_nodes_held_for_a_maintenance_reservation_send_the_job_elsewhere(tm
     from lingua_sweep.sweep.journal import Journal
 
     sweep_dir = tmp_path / "sweep"
-    h100 = 140e12  # expected_run_s is measured on an H100
-    conf = conf_with(testbed, tmp_path / "conf", "alpha", model_flops_per_s=h100)
-    beta = conf / "cluster" / "beta.yaml"
-    beta.write_text(yaml.safe_dump({**yaml.safe_load(beta.read_text()),
-                                    "model_flops_per_s": h100 / 3}))  # fmt: skip
+    conf = beta_slower(testbed, tmp_path / "conf", 3)
     batch = [n for n in testbed.node_names if n.startswith("alpha") and n not in testbed.gpu_nodes]
     name = f"maint-{uuid.uuid4().hex[:8]}"
     slurm(testbed, "alpha", "scontrol", "create", "reservation", f"ReservationName={name}",
@@ -342,12 +350,7 @@ def test_idle_nodes_held_for_a_maintenance_reservation_send_the_job_elsewhere(tm
     try:
         states = slurm(testbed, "alpha", "sinfo", "-h", "-p", "batch", "-N", "-o", "%t").split()
         assert states == ["idle"] * len(batch)  # sinfo's room: nothing says "reserved" yet
-        cmd = app_cmd(testbed, sweep_dir, conf, "value=1", "sleep_s=2",
-                      "hydra.launcher.clusters=[alpha,beta]", "hydra.launcher.expected_run_s=10",
-                      f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}")  # fmt: skip
-        proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True,
-                              text=True, timeout=240)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        one_job_on_alpha_or_beta(testbed, tmp_path, sweep_dir, conf, sleep_s=2)
         reserved_until = time.time() + 3660
     finally:
         cancel_leftovers(testbed, sweep_dir)
