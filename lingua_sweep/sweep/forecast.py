@@ -37,6 +37,7 @@ class Forecaster:
         self.history_asked: set[str] = set()  # clusters whose job history was asked for
         self.history_pending: set[str] = set()  # ... and is not in yet
         self.asked: dict[str, float] = {}  # cluster -> when last asked (monotonic)
+        self.asked_with_room: dict[str, bool] = {}  # cluster -> whether it had room then
         # job index -> (cluster, its squeue --start there), latest poll
         self.slurm_start: dict[int, tuple[str, float]] = {}
         # job index -> (cluster, when, squeue --start) the first time Slurm gave one
@@ -60,13 +61,16 @@ class Forecaster:
             link = c.links[name]
             if name in self.in_flight or not link.config.slurm or not link.available:
                 continue
-            if time.monotonic() - self.asked.get(name, -1e9) < c.p.probe_every_s:
+            room = rooms.get(name, 0)
+            # Once a probe; at once where room came or went since (an estimate from before a
+            # cluster had room is stale when it fills again).
+            if (time.monotonic() - self.asked.get(name, -1e9) < c.p.probe_every_s
+                    and self.asked_with_room.get(name) == (room > 0)):  # fmt: skip
                 continue
-            self.asked[name] = time.monotonic()
+            self.asked[name], self.asked_with_room[name] = time.monotonic(), room > 0
             params = sbatch_params(link.config, c.p, TEST_ONLY_NAME)
             self.in_flight[name] = threading.Event()
-            threading.Thread(target=self._estimate,
-                             args=(name, link, params, rooms.get(name, 0)),
+            threading.Thread(target=self._estimate, args=(name, link, params, room),
                              name=f"estimate-{name}", daemon=True).start()  # fmt: skip
 
     def _estimate(self, name: str, link, params: dict[str, Any], room: int = 0) -> None:
@@ -84,7 +88,9 @@ class Forecaster:
             self.history_pending.add(name)
         if room <= 0:
             self.estimates[name] = (start, asked)  # in use at once, even while sacct is slow
-        elif link.quiet_since(began):
+        else:
+            self.estimates.pop(name, None)  # from before it had room: stale when it fills
+        if room > 0 and link.quiet_since(began):
             # sinfo showed room: the answer tells whether it is held. (An sbatch of ours landing
             # meanwhile takes that room itself: then nothing is learnt.)
             self._note_held(name, start, asked)
