@@ -232,6 +232,19 @@ def test_room_is_held_only_on_an_answer_no_sbatch_of_ours_overlapped():
     assert f.estimates["a"][0] == later[0]
 
 
+def test_a_job_held_by_a_reservation_starts_when_slurm_says_unscaled():
+    """Slurm's lateness (others' jobs end before their limits) does not shorten a wait for a
+    reservation's end: a job pending `ReqNodeNotAvail, Reserved for maintenance` keeps
+    `squeue --start` as it is."""
+    seen = SimpleNamespace(pending_seen={1: time.time()})  # pending since now
+    f = forecast.Forecaster(SimpleNamespace(watcher=seen))
+    f.observed.prior["a"] = 0.2  # others there used 20% of their limits
+    f.slurm_start[1] = ("a", time.time() + 5000)
+    job = JobEntry(index=1, overrides=[], config_hash="x", state="PENDING", cluster="a",
+                   reason="ReqNodeNotAvail, Reserved for maintenance")  # fmt: skip
+    assert f.pending_start(job) == f.slurm_start[1][1]
+
+
 def test_the_simulators_history_is_its_other_users_share_of_their_limits():
     # Others' runs are exponential (mean 600 s), their limits 3x the mean: median ln 2 / 3.
     spec = SimSpec(nodes=8, gpus_per_node=8, background_load=0.6, background_duration_s=600.0,
