@@ -15,21 +15,18 @@ reservation), and Slurm started one like it at once.
 
 import heapq
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the simulator imports this module
-    from lingua_sweep.sweep.simulator import SimCluster, SimJob
+# Functions of a `simulator.SimCluster` (`cluster`) and its `SimJob`s, read only; untyped here,
+# as the simulator imports this module.
 
 DEFAULT_LIMIT_S = 86400.0  # a job without --time: the partition's limit, as Slurm assumes it
 
 
-def limit_of(job: "SimJob") -> float:
+def limit_of(job) -> float:
     return min(job.time_limit, DEFAULT_LIMIT_S)
 
 
-def expected_starts(
-    cluster: "SimCluster", new: "SimJob | None" = None
-) -> tuple[dict[str, float], float | None]:
+def expected_starts(cluster, new=None) -> tuple[dict[str, float], float | None]:
     """(pending job id -> `squeue --start`, `new`'s `sbatch --test-only`), as wall-clock epochs."""
     now = cluster.now()
     order = [cluster.jobs[i] for i in cluster.queue[: cluster.spec.backfill_depth]]
@@ -47,8 +44,7 @@ def expected_starts(
     return {i: epoch(t) for i, t in starts.items()}, epoch(new_start)
 
 
-def _in_order(cluster: "SimCluster", jobs: list["SimJob"], now: float,
-              clear_of_reservations: "SimJob | None" = None) -> dict[str, float]:  # fmt: skip
+def _in_order(cluster, jobs: list, now: float, clear_of_reservations=None) -> dict[str, float]:
     """Each job at the first end of a running (or planned) job that frees room for it, never
     before the job ahead of it."""
     events = [(j.start + limit_of(j), j.id)
@@ -84,7 +80,7 @@ def _in_order(cluster: "SimCluster", jobs: list["SimJob"], now: float,
     return out
 
 
-def _backfill(cluster: "SimCluster", jobs: list["SimJob"], now: float) -> dict[str, float]:
+def _backfill(cluster, jobs: list, now: float) -> dict[str, float]:
     """Each job at the earliest time its nodes are free for its whole limit, around what is
     planned and reserved: per node, (start, end, GPUs, CPUs) holds."""
     spec = cluster.spec
