@@ -202,6 +202,24 @@ def test_a_hung_sacct_holds_the_first_placement_only_to_the_probes_timeout():
     assert time.monotonic() - began < 0.5
 
 
+def test_a_hung_test_only_holds_one_placement_not_every_one():
+    """A login node that hangs `sbatch --test-only` costs the first placement the probe's
+    timeout, then nothing (alpha's results were journaled 33 s late while beta hung)."""
+    f = forecast.Forecaster(SimpleNamespace())
+    released = threading.Event()
+    link = SimpleNamespace(
+        backend=SimpleNamespace(estimate_start=lambda params: released.wait(30) and None),
+        quiet_since=lambda t: True,
+    )
+    f.in_flight["b"] = threading.Event()
+    threading.Thread(target=f._estimate, args=("b", link, {}, 2), daemon=True).start()
+    for wait in (0.5, 0.0):
+        began = time.monotonic()
+        f.await_first(["b"], timeout_s=0.5)
+        assert wait - 0.1 <= time.monotonic() - began < wait + 0.3
+    released.set()
+
+
 def test_room_is_held_only_on_an_answer_no_sbatch_of_ours_overlapped():
     """sinfo shows room and Slurm says a job starts in an hour: the room is held (a
     reservation). The same answer while an sbatch of ours lands there says only that our job

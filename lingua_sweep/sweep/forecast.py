@@ -35,7 +35,7 @@ class Forecaster:
         self.held_room: dict[str, float] = {}
         self.in_flight: dict[str, threading.Event] = {}  # set when its answer is in
         self.history_asked: set[str] = set()  # clusters whose job history was asked for
-        self.history_pending: set[str] = set()  # ... and is not in yet
+        self.awaited: set[str] = set()  # clusters whose first answer a placement waited for
         self.asked: dict[str, float] = {}  # cluster -> when last asked (monotonic)
         self.asked_with_room: dict[str, bool] = {}  # cluster -> whether it had room then
         # job index -> (cluster, its squeue --start there), latest poll
@@ -85,7 +85,6 @@ class Forecaster:
         history = start is not None and room <= 0 and name not in self.history_asked
         if history:  # the first placement waits for it (within the probe's timeout)
             self.history_asked.add(name)
-            self.history_pending.add(name)
         if room <= 0:
             self.estimates[name] = (start, asked)  # in use at once, even while sacct is slow
         else:
@@ -96,7 +95,6 @@ class Forecaster:
             self._note_held(name, start, asked)
         if history:
             self._history(name, backend, params.get("partition"))
-            self.history_pending.discard(name)
         self.in_flight.pop(name).set()
 
     def _history(self, name: str, backend, partition: str | None) -> None:
@@ -140,11 +138,14 @@ class Forecaster:
 
     def await_first(self, names: list[str], timeout_s: float) -> None:
         """At a sweep's first placement, the estimates it needs, with the clusters' job
-        history (within the probe's timeout)."""
+        history (within the probe's timeout). Once per cluster: a hung login node must not
+        stall every later placement (alpha's results were journaled 33 s late while beta's
+        `--test-only` hung)."""
         deadline = time.monotonic() + timeout_s
         for name in names:
             event = self.in_flight.get(name)
-            if event is not None and (name not in self.estimates or name in self.history_pending):
+            if event is not None and name not in self.awaited:
+                self.awaited.add(name)
                 event.wait(max(deadline - time.monotonic(), 0.0))
 
     def corrected(self, cluster: str, start: float, asked: float) -> float:
