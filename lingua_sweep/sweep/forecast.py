@@ -126,15 +126,20 @@ class Forecaster:
         else:
             self.held_room.pop(name, None)
 
+    def is_held(self, name: str) -> bool:
+        """Whether Slurm holds the idle nodes sinfo shows there, until a time still to come."""
+        return self.held_room.get(name, 0.0) > time.time()
+
     def usable(self, rooms: dict[str, int]) -> dict[str, int]:
         """The rooms sinfo shows, less those Slurm holds (the safety net moved four jobs into a
         maintenance reservation's idle nodes)."""
-        now = time.time()
-        return {n: 0 if self.held_room.get(n, 0.0) > now else r for n, r in rooms.items()}
+        return {n: 0 if self.is_held(n) else r for n, r in rooms.items()}
 
     def slurm_next(self, name: str) -> float | None:
         """Slurm's start (epoch) for a job beyond the room sinfo shows there."""
-        return self.held_room.get(name) or self.estimates.get(name, (None,))[0]
+        if self.is_held(name):
+            return self.held_room[name]
+        return self.estimates.get(name, (None,))[0]
 
     def await_first(self, names: list[str], timeout_s: float) -> None:
         """At a sweep's first placement, the estimates it needs, with the clusters' job
@@ -210,7 +215,7 @@ class Forecaster:
         # Held to our limit there, only our own jobs' ends make room: Slurm's estimate (free
         # nodes) does not apply.
         headroom = self.c.dispatcher.headroom(name).start
-        if room > 0 and self.usable({name: room})[name] == 0:
+        if room > 0 and self.is_held(name):
             # Not scaled by Slurm's lateness: a reservation's end is no running job's limit.
             room, start = 0, self.held_room[name] - now
         elif headroom != 0 and self.estimates.get(name, (None,))[0] is not None:

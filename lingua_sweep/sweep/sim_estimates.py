@@ -26,22 +26,28 @@ def limit_of(job) -> float:
     return min(job.time_limit, DEFAULT_LIMIT_S)
 
 
-def expected_starts(cluster, new=None) -> tuple[dict[str, float], float | None]:
-    """(pending job id -> `squeue --start`, `new`'s `sbatch --test-only`), as wall-clock epochs."""
+def pending_starts(cluster) -> dict[str, float]:
+    """`squeue --start` of each pending job (id -> wall-clock epoch)."""
+    now, pending = cluster.now(), _pending(cluster)
+    starts = (_backfill if cluster.reservations else _in_order)(cluster, pending, now)
+    return {i: _epoch(cluster, now, t) for i, t in starts.items()}
+
+
+def test_only_start(cluster, new) -> float | None:
+    """`sbatch --test-only` for `new`, a job not yet submitted (wall-clock epoch)."""
     now = cluster.now()
+    start = _in_order(cluster, [*_pending(cluster), new], now, clear_of_reservations=new)
+    return _epoch(cluster, now, start[new.id]) if new.id in start else None
+
+
+def _pending(cluster) -> list:
     order = [cluster.jobs[i] for i in cluster.queue[: cluster.spec.backfill_depth]]
     # A job held by a limit of ours, not by nodes: Slurm gives it no start (N/A).
-    pending = [j for j in order if not j.reason.startswith("QOS")]
-    starts = (_backfill if cluster.reservations else _in_order)(cluster, pending, now)
-    new_start = None
-    if new is not None:
-        new_start = _in_order(cluster, [*pending, new], now, clear_of_reservations=new).get(new.id)
-    wall = time.time()
+    return [j for j in order if not j.reason.startswith("QOS")]
 
-    def epoch(t: float | None) -> float | None:
-        return None if t is None else wall + (t - now) / cluster.spec.speed
 
-    return {i: epoch(t) for i, t in starts.items()}, epoch(new_start)
+def _epoch(cluster, now: float, t: float) -> float:
+    return time.time() + (t - now) / cluster.spec.speed
 
 
 def _in_order(cluster, jobs: list, now: float, clear_of_reservations=None) -> dict[str, float]:
@@ -59,7 +65,7 @@ def _in_order(cluster, jobs: list, now: float, clear_of_reservations=None) -> di
         while True:
             fit = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus
                    and (job is not clear_of_reservations
-                        or not cluster.reserved(n, t, job.time_limit))]  # fmt: skip
+                        or not cluster.reserved(n, t, job))]  # fmt: skip
             if len(fit) >= job.nodes or not events:
                 break
             end, done = heapq.heappop(events)

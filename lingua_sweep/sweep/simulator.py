@@ -36,7 +36,6 @@ from lingua_sweep.clusters import ClusterStatus, NodeRoom
 from lingua_sweep.sweep import job as job_lib
 from lingua_sweep.sweep import layout, sim_estimates
 from lingua_sweep.sweep.limits import Limits
-from lingua_sweep.sweep.sim_estimates import DEFAULT_LIMIT_S
 from lingua_sweep.sweep.states import WHY_FAILED
 
 ENDS_TO_OUTCOME = {"PREEMPTED": "RESUBMIT", "NODE_FAIL": "RESUBMIT"}
@@ -145,9 +144,9 @@ class SimCluster:
         self._background(now)
         self._start(now)
 
-    def reserved(self, node: int, t: float, limit: float) -> bool:
-        """Whether a reservation keeps a job with this time limit off the node at time t."""
-        limit = min(limit, DEFAULT_LIMIT_S)
+    def reserved(self, node: int, t: float, job: SimJob) -> bool:
+        """Whether a reservation keeps the job (its time limit) off the node at time t."""
+        limit = sim_estimates.limit_of(job)
         return any(start < t + limit and end > t and node in nodes
                    for start, end, nodes in self.reservations)  # fmt: skip
 
@@ -194,7 +193,7 @@ class SimCluster:
             gpus, cpus = self.free_gpus, self.free_cpus
             nodes = [n for n in range(len(gpus)) if gpus[n] >= job.gpus and cpus[n] >= job.cpus]
             if self.reservations and len(nodes) >= job.nodes:
-                nodes = [n for n in nodes if not self.reserved(n, now, job.time_limit)]
+                nodes = [n for n in nodes if not self.reserved(n, now, job)]
                 if len(nodes) < job.nodes:
                     job.reason = "ReqNodeNotAvail, Reserved for maintenance"
                     continue
@@ -335,7 +334,7 @@ class SimCluster:
                 if job.state == "PENDING":
                     info["reason"] = job.reason
                     if starts is None:
-                        starts, _ = self.expected_starts()
+                        starts = sim_estimates.pending_starts(self)
                     if job.id in starts:
                         info["start"] = starts[job.id]
                 states[j["id"]] = info
@@ -370,9 +369,6 @@ class SimCluster:
 
     # --- Slurm's start estimates (squeue --start, sbatch --test-only) ------------------------
 
-    def expected_starts(self, new: SimJob | None = None) -> tuple[dict[str, float], float | None]:
-        return sim_estimates.expected_starts(self, new)
-
     def estimate(self, params: dict) -> float | None:
         """sbatch --test-only: when a job of this shape submitted now would start."""
         with self._counted("estimate"), self.lock:
@@ -382,7 +378,7 @@ class SimCluster:
                            gpus=params.get("gpus_per_node") or 0, nodes=params.get("nodes", 1),
                            duration=0.0, submitted=time.monotonic(),
                            time_limit=(params.get("time") or math.inf) * 60)  # fmt: skip
-            return self.expected_starts(probe)[1]
+            return sim_estimates.test_only_start(self, probe)
 
     def others_time_used(self) -> float | None:
         """sacct's view of the other users' jobs that ended: the median share of its time
