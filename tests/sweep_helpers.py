@@ -169,3 +169,12 @@ def cancel_leftovers(testbed, sweep_dir: Path) -> None:
                if name.startswith(prefix)]  # fmt: skip
         if ids:
             slurm(testbed, cluster, "scancel", *ids, check=False)
+            # gone from the queue, so they count against no limit of the next test's sweep
+            deadline = time.monotonic() + 30
+            while (
+                time.monotonic() < deadline
+                and slurm(
+                    testbed, cluster, "squeue", "-h", "-j", ",".join(ids), "-o", "%i", check=False
+                ).strip()
+            ):
+                time.sleep(0.5)

@@ -10,6 +10,7 @@ from lingua_sweep.sweep.limits import (
     parse_limits,
     parse_usage,
 )
+from lingua_sweep.sweep.slurm_queries import slurm_time
 from lingua_sweep.sweep.states import not_soon, pending_words, set_start
 
 # `sacctmgr -n -P show assoc where user=me format=Account,Partition,QOS,DefaultQOS,MaxJobs,...`
@@ -43,12 +44,15 @@ def test_the_tightest_of_association_and_qos_wins():
 
 def test_usage_leaves_out_the_sweeps_own_jobs_and_counts_gpus_per_node():
     out = (
-        "101|RUNNING|None|train|2|gres:gpu:4\n"  # 2 nodes x 4 GPUs
-        "102_3|PENDING|Priority|train|1|gres/gpu:a100:2\n"
-        "103|RUNNING|None|lingua-sweep-abc-5|1|gres:gpu:1\n"  # ours
-        "104|RUNNING|None|notebook|1|N/A\n"
+        "101|RUNNING|None|train|2|gres:gpu:4|2026-12-02T10:00:00|2026-12-02T14:00:00\n"  # 2x4 GPUs
+        "102_3|PENDING|Priority|train|1|gres/gpu:a100:2|N/A|N/A\n"
+        "103|RUNNING|None|lingua-sweep-abc-5|1|gres:gpu:1||2026-12-02T11:00:00\n"  # ours
+        "104|RUNNING|None|notebook|1|N/A|2026-12-02T10:00:00|Unknown\n"  # no limit
     )
     assert parse_usage(out, "lingua-sweep-abc-") == Usage(running=2, active=3, gpus=8)
+    # when each of the user's other running jobs reaches its time limit
+    usage = parse_usage(out, "lingua-sweep-abc-", slurm_time)
+    assert usage.ends == [slurm_time("2026-12-02T14:00:00")]
     assert gres_gpus("N/A") == 0 and gres_gpus("gres:gpu:8") == 8
 
 

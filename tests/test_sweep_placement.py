@@ -526,3 +526,37 @@ def test_a_job_too_big_for_every_cluster_is_one_line_before_anything_is_submitte
     [line] = out.stderr.strip().splitlines()
     assert "job #0" in line and "data.batch_size" in line and "GB" in line, line
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_limit_full_of_the_users_jobs_is_a_turn_by_their_time_limits_not_unknown():
+    """alpha's MaxJobsPerUser is filled by the user's other job (ends by its limit in an hour)
+    and by ours (no run time known: by its own limit); beta's queue is a year long (jobs with
+    no limit). The job waits for its turn on alpha, which comes by the earlier of those limits;
+    it once went to beta's queue, alpha's turn being unknown."""
+    from lingua_sweep.sweep.limits import Headroom
+    from lingua_sweep.sweep.params import LauncherParams
+
+    now = time.time()
+    clusters = {n: ClusterConfig(name=n, gpu_type="H100", data_root="/d", output_root="/o")
+                for n in ("alpha", "beta")}  # fmt: skip
+    links = {
+        "alpha": SimpleNamespace(config=clusters["alpha"], status=None,
+                                 usage={"running": 1, "ends": [now + 3600]}),
+        "beta": SimpleNamespace(config=clusters["beta"], status=None, usage={}),
+    }  # fmt: skip
+    ours = JobEntry(index=0, overrides=[], config_hash="a", state="RUNNING", cluster="alpha",
+                    started_at=now - 60)  # fmt: skip
+    controller = SimpleNamespace(
+        p=LauncherParams(timeout_min=240), links=links, configs={},
+        dispatcher=SimpleNamespace(headroom=lambda n: Headroom(start=0 if n == "alpha" else None,
+                                                               submit=None)),
+        open_jobs=lambda: [ours], jobs=lambda state: [], watcher=SimpleNamespace(pending_seen={}),
+    )  # fmt: skip
+    f = forecast.Forecaster(controller)
+    f.estimates["beta"] = (now + 365 * 86400, now)
+    alpha = f.outlook("alpha", 0, 1, now)
+    assert alpha.frees_s == pytest.approx([240 * 60 - 60, 3600], abs=1)
+    plan = pl.Plan([alpha, f.outlook("beta", 0, 1, now)])
+    choice = plan.best()
+    assert choice.cluster == "alpha" and choice.own_turn
+    assert choice.start_s == pytest.approx(3600, abs=1)

@@ -232,33 +232,55 @@ def test_per_user_limits_are_kept_and_the_qos_reason_is_shown(tmp_path, testbed)
     check_sweep(sweep_dir)
 
 
-def test_a_job_pending_on_a_qos_limit_moves_where_there_is_room_within_a_probe(tmp_path, testbed):
-    """alpha's QOS lets one job run; beta is full, so the second job queues on alpha behind the
-    limit. Once beta frees a node it moves there at the next probe, not after max_pending_s."""
+@pytest.mark.parametrize("placement", ["priority", "time_to_result"])
+def test_a_job_behind_a_qos_limit_goes_where_there_is_room_within_a_probe(
+    tmp_path, testbed, placement
+):
+    """alpha's QOS lets one job run; beta is full with jobs of no time limit (Slurm says a year).
+    The second job waits for alpha: `priority` queues it there behind the limit; time-to-result
+    keeps it here for its turn (our job there ends by its time limit at the latest; it once went
+    to beta's year-long queue). Once beta frees a node it goes there at the next probe, not after
+    max_pending_s."""
     sweep_dir = tmp_path / "sweep"
     conf = conf_with(testbed, tmp_path / "conf", "alpha", qos="capped")
     holds = [hold_node(testbed, "beta"), hold_node(testbed, "beta")]
     cmd = app_cmd(testbed, sweep_dir, conf, "value=1,2", "sleep_s=25",
-                  "hydra.launcher.clusters=[alpha,beta]",
+                  "hydra.launcher.clusters=[alpha,beta]", f"hydra.launcher.placement={placement}",
                   f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}")  # fmt: skip
     with capped_qos(testbed, MaxJobsPerUser=1):
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
         try:
 
-            def waiting_on_the_limit():
-                return any(r["kind"] == "state" and r.get("reason") == "QOSMaxJobsPerUserLimit"
-                           for r in journal_records(sweep_dir))  # fmt: skip
+            def waiting_for_alpha():
+                records = journal_records(sweep_dir)
+                if placement == "priority":
+                    return any(r["kind"] == "state" and r.get("reason") == "QOSMaxJobsPerUserLimit"
+                               for r in records)  # fmt: skip
+                # placed (and held here) at least twice since the first job started
+                started = next((r["t"] for r in records if r["kind"] == "state"
+                                and r["state"] == "RUNNING"), None)  # fmt: skip
+                return started is not None and time.time() > started + 5
 
-            wait_for(waiting_on_the_limit, 60, "a job pending on the QOS limit")
+            wait_for(waiting_for_alpha, 60, "the second job to wait for alpha")
+            sent_to = {i: r["cluster"] for r in journal_records(sweep_dir)
+                       if r["kind"] == "intent" for i in r["indices"]}  # fmt: skip
+            assert sent_to == ({0: "alpha", 1: "alpha"} if placement == "priority"
+                               else {0: "alpha"}), sent_to  # fmt: skip
             freed = time.time()
             slurm(testbed, "beta", "scancel", *holds)
-            moved = wait_for(lambda: next((r for r in journal_records(sweep_dir)
-                                           if r["kind"] == "stop"), None),
-                             30, "the job's move")  # fmt: skip
-            assert moved["to"] == "beta" and "QOSMaxJobsPerUserLimit" in moved["note"], moved
+
+            def sent_to_beta():
+                records = journal_records(sweep_dir)
+                return next((r for r in records if r["kind"] == "intent" and r["t"] > freed), None)
+
+            sent = wait_for(sent_to_beta, 30, "the job to go to beta")
+            assert sent["cluster"] == "beta" and sent["indices"] == [1], sent
             # a probe (2 s) and a poll after beta's nodes are free; not max_pending_s (600 s)
-            assert moved["t"] - freed < 15, moved["t"] - freed
+            assert sent["t"] - freed < 15, sent["t"] - freed
+            if placement == "priority":
+                moved = next(r for r in journal_records(sweep_dir) if r["kind"] == "stop")
+                assert moved["to"] == "beta" and "QOSMaxJobsPerUserLimit" in moved["note"], moved
             assert proc.wait(timeout=180) == 0, proc.stderr.read()[-3000:]
         finally:
             proc.kill()
@@ -266,7 +288,7 @@ def test_a_job_pending_on_a_qos_limit_moves_where_there_is_room_within_a_probe(t
             slurm(testbed, "beta", "scancel", *holds, check=False)
     rows = results_rows(sweep_dir)
     assert [r["status"] for r in rows] == ["COMPLETED", "COMPLETED"]
-    assert sorted(r["cluster"] for r in rows) == ["alpha", "beta"]
+    assert [r["cluster"] for r in rows] == ["alpha", "beta"]
     check_sweep(sweep_dir)
 
 

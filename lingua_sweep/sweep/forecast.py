@@ -221,14 +221,20 @@ class Forecaster:
         elif headroom != 0 and self.estimates.get(name, (None,))[0] is not None:
             epoch, asked = self.estimates[name]
             start = self.corrected(name, epoch, asked) - now
+        # Our job there ends by its run time; with none known, by its time limit at the latest,
+        # as Slurm assumes of every job (else a job behind our limit on alpha went to beta's
+        # queue, a year away behind jobs with no limit).
+        ends_by = run if run is not None else self.c.p.timeout_min * 60.0
         frees, pending = [], []
-        if run is not None:
-            for job in self._ours(name):
-                if job.started_at is not None:
-                    frees.append(pl.remaining_s(run, now - job.started_at))
-                else:
-                    expected = self.pending_start(job)
-                    pending.append(None if expected is None else expected - now)
+        for job in self._ours(name):
+            if job.started_at is not None:
+                frees.append(pl.remaining_s(ends_by, now - job.started_at))
+            else:
+                expected = self.pending_start(job)
+                pending.append(None if expected is None else expected - now)
+        if headroom is not None:  # the user's other jobs there hand on their slots too
+            frees += [max(end - now, 0.0) for end in (self.c.links[name].usage or {}).get(
+                "ends", [])]  # fmt: skip
         return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees,
                           pending_s=pending, headroom=headroom,
                           capacity=self._capacity(name))  # fmt: skip

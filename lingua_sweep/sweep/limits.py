@@ -6,6 +6,7 @@ submissions and GPUs of each user. The agent reads the caps (`sacctmgr show asso
 within them, so a sweep never submits what Slurm must refuse nor waits for room it cannot use.
 """
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +49,10 @@ class Usage:
     running: int = 0
     active: int = 0  # pending or running
     gpus: int = 0  # in running jobs
+    # When each running one reaches its time limit (epoch): under a limit they fill, our turn
+    # comes by then at the latest (a sweep sent its jobs to another cluster's year-long queue
+    # rather than wait for them).
+    ends: list[float] = field(default_factory=list)
 
 
 def tres_gpus(tres: str) -> int | None:
@@ -102,12 +107,14 @@ def parse_limits(assoc_out: str, qos_out: str, config_out: str, *, qos: str | No
     return limits
 
 
-def parse_usage(squeue_out: str, prefix: str | None) -> Usage:
-    """Usage from `squeue -h -r -u USER -o %i|%T|%r|%j|%D|%b` (one line per array task),
-    leaving out this sweep's own jobs (named `prefix...`)."""
+def parse_usage(
+    squeue_out: str, prefix: str | None, end_of: Callable[[str], float | None] | None = None
+) -> Usage:
+    """Usage from `squeue -h -r -u USER -o %i|%T|%r|%j|%D|%b|%S|%e` (one line per array task),
+    leaving out this sweep's own jobs (named `prefix...`); `end_of` reads %e as an epoch."""
     usage = Usage()
     for line in squeue_out.splitlines():
-        parts = (line.strip().split("|") + [""] * 6)[:6]
+        parts = (line.strip().split("|") + [""] * 8)[:8]
         if not parts[0] or (prefix and parts[3].startswith(prefix)):
             continue
         usage.active += 1
@@ -115,6 +122,8 @@ def parse_usage(squeue_out: str, prefix: str | None) -> Usage:
             usage.running += 1
             nodes = int(parts[4]) if parts[4].isdigit() else 1
             usage.gpus += nodes * gres_gpus(parts[5])
+            if end_of is not None and (end := end_of(parts[7])) is not None:
+                usage.ends.append(end)
     return usage
 
 

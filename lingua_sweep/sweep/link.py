@@ -38,7 +38,7 @@ class Link:
     # the user's other jobs (each poll): room is counted within them.
     limits: Limits | None = None
     limits_read_at: float = -1e9
-    usage: dict[str, int] | None = None
+    usage: dict[str, Any] | None = None
     # sbatch refused for a reason that passes (a submit limit): no submission before this.
     submit_after: float = 0.0
     refusals: int = 0

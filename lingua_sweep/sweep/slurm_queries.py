@@ -32,7 +32,7 @@ def slurm_states(ids: list[str], prefix: str | None = None) -> tuple[dict, dict[
     if not ids and not prefix:
         return {}, named, {}
     out = _active_jobs()
-    usage = parse_usage(out, prefix)
+    usage = parse_usage(out, prefix, slurm_time)
     for line in out.splitlines():
         parts = (line.strip().split("|") + [""] * 7)[:7]
         job_id, state, reason, name, start = parts[0], parts[1], parts[2], parts[3], parts[6]
@@ -83,7 +83,7 @@ def read_limits(*, qos: str | None, account: str | None) -> Limits:
 
 def _active_jobs() -> str:
     return run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-t", ",".join(SLURM_ACTIVE),
-                "-o", "%i|%T|%r|%j|%D|%b|%S"])  # fmt: skip
+                "-o", "%i|%T|%r|%j|%D|%b|%S|%e"])  # fmt: skip
 
 
 def slurm_time(text: str) -> float | None:
@@ -124,9 +124,9 @@ def start_estimate(params: dict[str, Any]) -> float | None:
     return None
 
 
-def user_usage(prefix: str) -> dict[str, int]:
+def user_usage(prefix: str) -> dict[str, Any]:
     """The user's active jobs there, apart from those named `prefix...` (this sweep's)."""
-    return parse_usage(_active_jobs(), prefix).__dict__
+    return parse_usage(_active_jobs(), prefix, slurm_time).__dict__
 
 
 def by_id(rows: dict[str, Any], job_id: str) -> Any:
