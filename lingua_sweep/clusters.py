@@ -162,7 +162,11 @@ class NodeRoom:
 
 
 # Nodes in these states take new jobs (`*`: not responding, `~`: powered off, `#`: powering up).
-USABLE_NODE_STATES = ("idle", "mix")
+# `plnd`: idle, but planned for a pending job (Slurm 22.05+): Slurm still starts a job there that
+# ends before that one's start (on the testbed, a 5-minute job on nodes planned for two jobs
+# waiting out a maintenance reservation); whether it would is time-to-result's question
+# (sweep/held.py).
+USABLE_NODE_STATES = ("idle", "mix", "plnd")
 
 
 @dataclass(kw_only=True)

@@ -61,16 +61,17 @@ def run_sweep(tmp_path: Path, testbed, *args: str, timeout=600, env=None, **kw):
                           text=True, timeout=timeout)  # fmt: skip
 
 
-def slurm(testbed, cluster: str, *argv: str, check=True) -> str:
-    """A Slurm command on a testbed cluster: alpha here, beta through its login node."""
+def slurm(testbed, cluster: str, *argv: str, check=True, stderr=False) -> str:
+    """A Slurm command on a testbed cluster: alpha here, beta through its login node. Its
+    output (`stderr`: with its errors, where sbatch --test-only answers)."""
     if cluster == "alpha":
         cmd, env = list(argv), {**os.environ, **testbed.env_alpha()}
     else:
         # One quoted command line: ssh joins its arguments with spaces for the remote shell.
         cmd = ["ssh", "-F", str(testbed.ssh_config), testbed.beta_login, shlex.join(argv)]
         env = None
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60,
-                          check=check).stdout  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=check)
+    return out.stdout + out.stderr if stderr else out.stdout
 
 
 def sacct_jobs(

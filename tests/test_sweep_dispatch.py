@@ -44,6 +44,9 @@ def test_sinfo_lines_give_free_cpus_and_gpus():
     assert (node.name, node.state, node.free_cpus, node.free_gpus) == ("x1", "mix", 2, 3)
     down = parse_sinfo_node("x2|drain|0/8/0/8|gpu:4|gpu:0|")
     assert (down.free_cpus, down.free_gpus) == (0, 0)  # a drained node offers nothing
+    # planned for a pending job: Slurm still starts a job there that ends before that one
+    planned = parse_sinfo_node("x3|plnd|0/8/0/8|gpu:4|gpu:0|")
+    assert (planned.free_cpus, planned.free_gpus) == (8, 4)
     assert count_gpus("gpu:a100:8(S:0-1),shard:4") == 8
     assert count_gpus("(null)") == 0
 

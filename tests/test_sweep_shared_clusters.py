@@ -61,11 +61,14 @@ def beta_slower(testbed, dest: Path, factor: float) -> Path:
     return conf
 
 
-def one_job_on_alpha_or_beta(testbed, cwd: Path, sweep_dir: Path, conf: Path, sleep_s: float):
+def one_job_on_alpha_or_beta(
+    testbed, cwd: Path, sweep_dir: Path, conf: Path, sleep_s: float, *overrides: str
+):
     """One rank_app job that the launcher places on alpha or beta (10 s on an H100 node)."""
     cmd = app_cmd(testbed, sweep_dir, conf, "value=1", f"sleep_s={sleep_s}",
                   "hydra.launcher.clusters=[alpha,beta]", "hydra.launcher.expected_run_s=10",
-                  f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}")  # fmt: skip
+                  f"hydra.launcher.cpus_per_task={testbed.cpus_per_node}",
+                  *overrides)  # fmt: skip
     proc = subprocess.run(cmd, cwd=cwd, env=clean_env(), capture_output=True, text=True,
                           timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -387,4 +390,52 @@ def test_idle_nodes_held_for_a_maintenance_reservation_send_the_job_elsewhere(tm
     assert planned["alt"]["alpha"] == pytest.approx(reserved_until + 10, abs=120)
     ended = next(r["t"] for r in journal_records(sweep_dir) if r["kind"] == "result")
     assert ended < planned["alt"]["alpha"]
+    check_sweep(sweep_dir)
+
+
+def test_idle_nodes_free_until_a_reservation_take_a_job_that_ends_before_it(tmp_path, testbed):
+    """A maintenance reservation on alpha's batch nodes begins in ten minutes; two jobs with
+    an hour's limit wait for its end (ReqNodeNotAvail). `sbatch --test-only` tells a 5-minute
+    job an hour too (it plans those two first), yet Slurm starts one at once: the reservation
+    (`scontrol show reservation`) decides, so the job goes to alpha (faster, preferred), not
+    to beta (free, 3x slower)."""
+    import uuid
+
+    sweep_dir = tmp_path / "sweep"
+    conf = beta_slower(testbed, tmp_path / "conf", 3)
+    batch = [n for n in testbed.node_names if n.startswith("alpha") and n not in testbed.gpu_nodes]
+    name = f"maint-{uuid.uuid4().hex[:8]}"
+    slurm(testbed, "alpha", "scontrol", "create", "reservation", f"ReservationName={name}",
+          "StartTime=now+600", "Duration=60", f"Nodes={','.join(batch)}", "Flags=MAINT",
+          "Users=root")  # fmt: skip
+    waiting = []
+    try:
+        for _ in batch:
+            out = slurm(testbed, "alpha", "sbatch", "--parsable", "-p", "batch", "-N1",
+                        "--exclusive", "--time=60", "--output=/dev/null",
+                        "--wrap", "sleep 600")  # fmt: skip
+            waiting.append(out.strip().split(";")[0])
+        reasons = ["squeue", "-h", "-j", ",".join(waiting), "-o", "%r"]
+        wait_for(lambda: slurm(testbed, "alpha", *reasons).splitlines()
+                 == ["ReqNodeNotAvail, Reserved for maintenance"] * len(batch), 30,
+                 "the hour-long jobs to wait for the reservation")  # fmt: skip
+        test_only = slurm(testbed, "alpha", "sbatch", "--test-only", "-p", "batch", "-N1",
+                          "--exclusive", "--time=5", "--wrap", "true", stderr=True)  # fmt: skip
+        asked = time.time()
+        one_job_on_alpha_or_beta(testbed, tmp_path, sweep_dir, conf, 2,
+                                 "hydra.launcher.timeout_min=5")  # fmt: skip
+    finally:
+        cancel_leftovers(testbed, sweep_dir)
+        if waiting:
+            slurm(testbed, "alpha", "scancel", *waiting, check=False)
+        slurm(testbed, "alpha", "scontrol", "delete", f"ReservationName={name}", check=False)
+    from lingua_sweep.sweep.slurm_queries import slurm_time
+
+    said = slurm_time(test_only.split(" to start at ")[1].split()[0])
+    assert said > asked + 1800, test_only  # what sbatch --test-only says: after the reservation
+    [job] = status_json(sweep_dir)["jobs"]
+    assert job["cluster"] == "alpha" and job["state"] == "COMPLETED", job
+    [planned] = [r["jobs"]["0"] for r in journal_records(sweep_dir)
+                 if r["kind"] == "forecast" and r["jobs"].get("0", {}).get("planned")]  # fmt: skip
+    assert planned["cluster"] == "alpha" and planned["start"] == planned["at"], planned
     check_sweep(sweep_dir)

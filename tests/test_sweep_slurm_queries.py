@@ -71,3 +71,26 @@ def test_others_time_used_from_the_testbeds_sacct(slurm_testbed, monkeypatch):
                             "--partition", "batch"], env={**os.environ, **env},
                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     assert answer(agent.stdout, "agent time-used") == {"time_used": None}
+
+
+def test_reservations_read_as_scontrol_prints_them(monkeypatch):
+    assert sq.expand_hostlist("alpha[1-3,05],beta7") == ["alpha1", "alpha2", "alpha3", "alpha05",
+                                                         "beta7"]  # fmt: skip
+    assert sq.expand_hostlist("n[01-02]x,a1") == ["n01x", "n02x", "a1"]
+    now = sq.slurm_time("2026-12-03T06:00:00")
+    out = (  # `scontrol show reservation -o`, as the testbed's Slurm 22.05 prints it
+        "ReservationName=maint StartTime=2026-12-03T07:00:00 EndTime=2026-12-03T10:00:00 "
+        "Duration=03:00:00 Nodes=alpha[1-2] NodeCnt=2 CoreCnt=16 Features=(null) "
+        "PartitionName=(null) Flags=MAINT,SPEC_NODES TRES=cpu=16 Users=root Groups=(null) "
+        "Accounts=(null) Licenses=(null) State=INACTIVE BurstBuffer=(null) Watts=n/a\n"
+        "ReservationName=course StartTime=2026-12-03T05:00:00 EndTime=2026-12-03T06:30:00 "
+        "Duration=01:30:00 Nodes=alpha3 NodeCnt=1 State=ACTIVE\n"
+    )
+    monkeypatch.setattr(sq, "run", lambda argv: out)
+    # An hour's limit fits before maintenance, not the course, which is on now
+    assert sq.reserved_nodes({"time": 60}, now=now) == {
+        "alpha1": None, "alpha2": None, "alpha3": now + 1800}  # fmt: skip
+    # Two hours' does not: kept off until maintenance ends
+    assert sq.reserved_nodes({"time": 120}, now=now)["alpha1"] == now + 4 * 3600
+    monkeypatch.setattr(sq, "run", lambda argv: "No reservations in the system\n")
+    assert sq.reserved_nodes({"time": 60}) == {}

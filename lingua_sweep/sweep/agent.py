@@ -13,6 +13,9 @@ return values, which travel cloudpickled and base64-encoded.
     cancel  --jobs ID,...
     check   --paths P,...                                -> JSON list of the paths that are missing
     limits  --prefix P [--qos Q] [--account A]    -> the user's limits, usage by jobs not ours
+    estimate --params JSON                       -> {"start"}: sbatch --test-only's answer
+    reserved --params JSON                       -> {"reserved"}: nodes reservations keep
+    time-used [--partition P]                    -> {"time_used"}: others' share of their limits
 """
 
 import argparse
@@ -303,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--account")
     p = sub.add_parser("estimate")
     p.add_argument("--params", required=True, help="JSON of sbatch parameters")
+    p = sub.add_parser("reserved")
+    p.add_argument("--params", required=True, help="JSON of sbatch parameters")
     p = sub.add_parser("time-used")
     p.add_argument("--partition")
     args = parser.parse_args(argv)
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write(_json({"limits": limits.to_json(), "usage": usage}))
     elif args.command == "estimate":
         out.write(_json({"start": slurm_queries.start_estimate(json.loads(args.params))}))
+    elif args.command == "reserved":
+        out.write(_json({"reserved": slurm_queries.reserved_nodes(json.loads(args.params))}))
     elif args.command == "time-used":
         out.write(_json({"time_used": slurm_queries.others_time_used(args.partition)}))
     return 0

@@ -62,6 +62,10 @@ class Backend(Protocol):
     def estimate_start(self, params: dict) -> float | None:
         """When Slurm would start a job of these sbatch parameters submitted now (epoch)."""
 
+    def reserved_nodes(self, params: dict) -> dict[str, float | None]:
+        """The nodes a reservation covers: name -> until when a job of these sbatch parameters
+        submitted now cannot use it (epoch), None where it ends before the reservation begins."""
+
     def others_time_used(self, partition: str | None) -> float | None:
         """The median share of their time limit other users' jobs that ended there lately used
         (sacct); None where that is not known."""
@@ -123,6 +127,9 @@ class LocalBackend:
 
     def estimate_start(self, params):
         return None  # no queue: a local job starts when a slot frees
+
+    def reserved_nodes(self, params):
+        return {}
 
     def others_time_used(self, partition):
         return None
@@ -265,6 +272,10 @@ class AgentBackend:
     def estimate_start(self, params):
         reply = answer(self._agent(["estimate", "--params", json.dumps(params)]), "agent estimate")
         return reply["start"]
+
+    def reserved_nodes(self, params):
+        reply = answer(self._agent(["reserved", "--params", json.dumps(params)]), "agent reserved")
+        return reply["reserved"]
 
     def others_time_used(self, partition):
         args = ["time-used", *(["--partition", partition] if partition else [])]

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from lingua_sweep.sweep import placement as pl
+from lingua_sweep.sweep.held import HeldRoom
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.predictions import clock
 from lingua_sweep.sweep.shape import job_shape, sbatch_params
@@ -19,8 +20,6 @@ from lingua_sweep.sweep.states import set_start
 
 log = logging.getLogger(__name__)
 TEST_ONLY_NAME = "lingua-sweep-test-only"
-# Slurm's "now" for a cluster with room comes within a second or two of when it was asked.
-HELD_SLACK_S = 5.0
 
 
 class Forecaster:
@@ -31,8 +30,7 @@ class Forecaster:
         # beyond it: a third job was queued on one into a cluster that two had just filled);
         # refreshed each probe.
         self.estimates: dict[str, tuple[float | None, float]] = {}
-        # cluster -> Slurm's start for a job there although sinfo showed idle nodes when asked
-        self.held_room: dict[str, float] = {}
+        self.held_room = HeldRoom(controller)  # idle nodes Slurm holds
         self.in_flight: dict[str, threading.Event] = {}  # set when its answer is in
         self.history_asked: set[str] = set()  # clusters whose job history was asked for
         self.awaited: set[str] = set()  # clusters whose first answer a placement waited for
@@ -89,10 +87,12 @@ class Forecaster:
             self.estimates[name] = (start, asked)  # in use at once, even while sacct is slow
         else:
             self.estimates.pop(name, None)  # from before it had room: stale when it fills
+        if room > 0:  # sinfo showed room: is Slurm keeping it for a reservation?
+            self.held_room.read_reservations(name, backend, params)
         if room > 0 and link.quiet_since(began):
             # sinfo showed room: the answer tells whether it is held. (An sbatch of ours landing
             # meanwhile takes that room itself: then nothing is learnt.)
-            self._note_held(name, start, asked)
+            self.held_room.note_test_only(name, start, asked)
         if history:
             self._history(name, backend, params.get("partition"))
         self.in_flight.pop(name).set()
@@ -112,33 +112,15 @@ class Forecaster:
                      "Slurm's start estimates there are scaled by that until this sweep sees "
                      "starts", name, 100 * used)  # fmt: skip
 
-    def _note_held(self, name: str, start: float | None, asked: float) -> None:
-        """Idle nodes a job cannot use: sinfo showed room, yet Slurm says a job asked for now
-        starts later (a maintenance reservation begins within its time limit, or the nodes are
-        kept for a bigger job). sinfo calls such nodes idle; the room is not room until Slurm
-        says "now" again."""
-        if start is not None and start - asked > HELD_SLACK_S:
-            if name not in self.held_room:
-                log.info("cluster %s: its idle nodes are held until ~%s (a reservation?); "
-                         "jobs go there only if they finish first anyway", name,
-                         clock(start))  # fmt: skip
-            self.held_room[name] = start
-        else:
-            self.held_room.pop(name, None)
-
-    def is_held(self, name: str) -> bool:
-        """Whether Slurm holds the idle nodes sinfo shows there, until a time still to come."""
-        return self.held_room.get(name, 0.0) > time.time()
-
     def usable(self, rooms: dict[str, int]) -> dict[str, int]:
-        """The rooms sinfo shows, less those Slurm holds (the safety net moved four jobs into a
+        """The rooms sinfo shows, less what Slurm holds (the safety net moved four jobs into a
         maintenance reservation's idle nodes)."""
-        return {n: 0 if self.is_held(n) else r for n, r in rooms.items()}
+        return {n: self.held_room.usable_room(n, r) for n, r in rooms.items()}
 
     def slurm_next(self, name: str) -> float | None:
         """Slurm's start (epoch) for a job beyond the room sinfo shows there."""
-        if self.is_held(name):
-            return self.held_room[name]
+        if (until := self.held_room.until(name)) is not None:
+            return until
         return self.estimates.get(name, (None,))[0]
 
     def await_first(self, names: list[str], timeout_s: float) -> None:
@@ -215,10 +197,12 @@ class Forecaster:
         # Held to our limit there, only our own jobs' ends make room: Slurm's estimate (free
         # nodes) does not apply.
         headroom = self.c.dispatcher.headroom(name).start
-        if room > 0 and self.is_held(name):
-            # Not scaled by Slurm's lateness: a reservation's end is no running job's limit.
-            room, start = 0, self.held_room[name] - now
-        elif headroom != 0 and self.estimates.get(name, (None,))[0] is not None:
+        if room > 0:
+            room, until = self.held_room.usable_room(name, room), self.held_room.until(name)
+            if room == 0 and until is not None:
+                # Not scaled by Slurm's lateness: a reservation's end is no running job's limit.
+                start = until - now
+        if start is None and headroom != 0 and self.estimates.get(name, (None,))[0] is not None:
             epoch, asked = self.estimates[name]
             start = self.corrected(name, epoch, asked) - now
         # Our job there ends by its run time; with none known, by its time limit at the latest,

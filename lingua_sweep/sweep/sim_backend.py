@@ -75,5 +75,8 @@ class SimBackend:
     def estimate_start(self, params: dict) -> float | None:
         return self.sim.estimate(params)
 
+    def reserved_nodes(self, params: dict) -> dict[str, float | None]:
+        return self.sim.reserved_nodes(params)
+
     def others_time_used(self, partition: str | None) -> float | None:
         return self.sim.others_time_used()

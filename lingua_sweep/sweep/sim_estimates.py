@@ -40,6 +40,22 @@ def test_only_start(cluster, new) -> float | None:
     return _epoch(cluster, now, start[new.id]) if new.id in start else None
 
 
+def reserved_nodes(cluster, limit: float) -> dict[str, float | None]:
+    """The nodes a reservation covers, now or later: sinfo's name -> until when a job of this
+    time limit submitted now cannot use it (wall-clock epoch), None where it fits before."""
+    now, out = cluster.now(), {}
+    for start, end, nodes in cluster.reservations:
+        if end <= now:
+            continue
+        for n in nodes:
+            name = cluster.node_name(n)
+            if start < now + limit:
+                out[name] = max(out.get(name) or 0.0, _epoch(cluster, now, end))
+            else:
+                out.setdefault(name, None)
+    return out
+
+
 def _pending(cluster) -> list:
     order = [cluster.jobs[i] for i in cluster.queue[: cluster.spec.backfill_depth]]
     # A job held by a limit of ours, not by nodes: Slurm gives it no start (N/A).

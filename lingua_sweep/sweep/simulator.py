@@ -144,6 +144,9 @@ class SimCluster:
         self._background(now)
         self._start(now)
 
+    def node_name(self, node: int) -> str:
+        return f"{self.name}{node}"
+
     def reserved(self, node: int, t: float, job: SimJob) -> bool:
         """Whether a reservation keeps the job (its time limit) off the node at time t."""
         limit = sim_estimates.limit_of(job)
@@ -380,6 +383,13 @@ class SimCluster:
                            time_limit=(params.get("time") or math.inf) * 60)  # fmt: skip
             return sim_estimates.test_only_start(self, probe)
 
+    def reserved_nodes(self, params: dict) -> dict[str, float | None]:
+        """scontrol show reservation, for a job of these sbatch parameters (sim_estimates)."""
+        with self._counted("reservations"), self.lock:
+            self.advance()
+            limit = (params.get("time") or math.inf) * 60
+            return sim_estimates.reserved_nodes(self, min(limit, sim_estimates.DEFAULT_LIMIT_S))
+
     def others_time_used(self) -> float | None:
         """sacct's view of the other users' jobs that ended: the median share of its time
         limit each used."""
@@ -393,7 +403,7 @@ class SimCluster:
             now = self.now()
             maint = {n for start, end, nodes in self.reservations if start <= now < end
                      for n in nodes}  # fmt: skip
-            nodes = [NodeRoom(name=f"{self.name}{n}", state="maint" if n in maint else "idle"
+            nodes = [NodeRoom(name=self.node_name(n), state="maint" if n in maint else "idle"
                               if self.free_cpus[n] else "alloc", free_cpus=self.free_cpus[n],
                               free_gpus=self.free_gpus[n])
                      for n in range(self.spec.nodes)]  # fmt: skip

@@ -1,0 +1,91 @@
+"""Idle nodes Slurm holds: sinfo calls them idle, yet a job of ours submitted now would not
+start there (a maintenance reservation begins within its time limit, or the nodes are kept for a
+bigger job). Two witnesses, both asked where sinfo shows room: the cluster's reservations
+(`scontrol show reservation`), which decide wherever one covers its nodes, and `sbatch
+--test-only`'s answer elsewhere.
+
+--test-only alone is not enough: it plans the jobs a reservation holds ahead of the new one, so
+it calls nodes a job could use until the reservation begins held too (on the testbed it told a
+5-minute job 60 minutes, and Slurm started one like it at once; on the simulator time-to-result
+left research-secure-sim's idle nodes to the dispatcher for 80 minutes before maintenance).
+"""
+
+import logging
+import time
+from dataclasses import replace
+
+from lingua_sweep.sweep.predictions import clock
+from lingua_sweep.sweep.shape import job_shape, room
+
+log = logging.getLogger(__name__)
+# Slurm's "now" for a cluster with room comes within a second or two of when it was asked.
+HELD_SLACK_S = 5.0
+
+
+class HeldRoom:
+    def __init__(self, controller):
+        self.c = controller
+        # cluster -> Slurm's start for a job there although sinfo showed idle nodes when asked
+        self.by_test_only: dict[str, float] = {}
+        # cluster -> the nodes reservations cover there: until when they keep a job of ours
+        # submitted now (epoch), None where it fits before them
+        self.reserved: dict[str, dict[str, float | None]] = {}
+
+    def read_reservations(self, name: str, backend, params: dict) -> None:
+        try:
+            self.reserved[name] = backend.reserved_nodes(params)
+        except Exception as e:  # noqa: BLE001 - advice: then sbatch --test-only's word
+            log.debug("cluster %s: no reservations read (%s)", name, e)
+            self.reserved.pop(name, None)
+
+    def note_test_only(self, name: str, start: float | None, asked: float) -> None:
+        """sinfo showed room, yet Slurm says a job asked for now starts later: the room is not
+        room until Slurm says "now" again."""
+        if start is not None and start - asked > HELD_SLACK_S:
+            if name not in self.by_test_only and self._by_reservations(name) is None:
+                log.info("cluster %s: its idle nodes are held until ~%s (for a bigger job?); "
+                         "jobs go there only if they finish first anyway", name,
+                         clock(start))  # fmt: skip
+            self.by_test_only[name] = start
+        else:
+            self.by_test_only.pop(name, None)
+
+    def _by_reservations(self, name: str) -> tuple[int, float | None] | None:
+        """(the room sinfo shows there that reservations keep from a job of ours submitted now,
+        when the first such node frees (epoch)); None where no reservation covers its nodes,
+        or none could be read."""
+        reserved = self.reserved.get(name)
+        link = self.c.links[name] if reserved else None
+        status = link.status if link is not None else None
+        if not reserved or status is None:
+            return None
+        names = {n.name for n in status.nodes}
+        if not names & reserved.keys():
+            return None
+        now = time.time()
+        kept = {node: until for node, until in reserved.items()
+                if node in names and until is not None and until > now}  # fmt: skip
+        if not kept:
+            return 0, None
+        shape = job_shape(link.config, self.c.p)
+        left = replace(status, nodes=[replace(n, free_cpus=0, free_gpus=0) if n.name in kept
+                                      else n for n in status.nodes])  # fmt: skip
+        return room(status, link.config, shape) - room(left, link.config, shape), min(kept.values())
+
+    def usable_room(self, name: str, sinfo_room: int) -> int:
+        """The room sinfo shows there, less what Slurm holds."""
+        if sinfo_room <= 0:
+            return sinfo_room
+        if (kept := self._by_reservations(name)) is not None:
+            return max(sinfo_room - kept[0], 0)
+        return 0 if self.by_test_only.get(name, 0.0) > time.time() else sinfo_room
+
+    def until(self, name: str) -> float | None:
+        """When a job of ours may use the idle nodes sinfo shows there (epoch), where Slurm
+        holds every one of them; None where it holds none, or not all."""
+        if (kept := self._by_reservations(name)) is not None:
+            link = self.c.links[name]
+            shown = room(link.status, link.config, job_shape(link.config, self.c.p))
+            return kept[1] if kept[1] is not None and kept[0] >= shown > 0 else None
+        until = self.by_test_only.get(name, 0.0)
+        return until if until > time.time() else None
