@@ -52,6 +52,7 @@ def test_a_reservation_within_the_jobs_limit_holds_the_room_until_it_ends():
     # one of the two nodes only: the other is room
     answer(held, {"n0": end, "n1": None}, test_only_in_s=0)
     assert held.usable_room("a", 2) == 1 and held.until("a") is None
+    assert held.usable_room("a", 1) == 1  # a limit of one job: the other node takes it
     # a node with no room left (a job of someone else's on it) costs nothing more
     held = held_room(gpus_free=(8, 0))
     answer(held, {"n1": end}, test_only_in_s=0)

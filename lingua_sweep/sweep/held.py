@@ -51,9 +51,9 @@ class HeldRoom:
             self.by_test_only.pop(name, None)
 
     def _by_reservations(self, name: str) -> tuple[int, float | None] | None:
-        """(the room sinfo shows there that reservations keep from a job of ours submitted now,
-        when the first such node frees (epoch)); None where no reservation covers its nodes,
-        or none could be read."""
+        """(the room a job of ours submitted now has there on nodes no reservation keeps from
+        it, when the first kept node frees (epoch)); None where no reservation covers the
+        cluster's nodes, or none could be read."""
         reserved = self.reserved.get(name)
         link = self.c.links[name] if reserved else None
         status = link.status if link is not None else None
@@ -65,27 +65,26 @@ class HeldRoom:
         now = time.time()
         kept = {node: until for node, until in reserved.items()
                 if node in names and until is not None and until > now}  # fmt: skip
-        if not kept:
-            return 0, None
-        shape = job_shape(link.config, self.c.p)
         left = replace(status, nodes=[replace(n, free_cpus=0, free_gpus=0) if n.name in kept
                                       else n for n in status.nodes])  # fmt: skip
-        return room(status, link.config, shape) - room(left, link.config, shape), min(kept.values())
+        free = room(left, link.config, job_shape(link.config, self.c.p))
+        return free, min(kept.values(), default=None)
 
     def usable_room(self, name: str, sinfo_room: int) -> int:
-        """The room sinfo shows there, less what Slurm holds."""
+        """The room sinfo shows there (within the user's limits), less what Slurm holds."""
         if sinfo_room <= 0:
             return sinfo_room
-        if (kept := self._by_reservations(name)) is not None:
-            return max(sinfo_room - kept[0], 0)
+        if (by_reservations := self._by_reservations(name)) is not None:
+            return min(sinfo_room, by_reservations[0])
         return 0 if self.by_test_only.get(name, 0.0) > time.time() else sinfo_room
 
     def until(self, name: str) -> float | None:
         """When a job of ours may use the idle nodes sinfo shows there (epoch), where Slurm
         holds every one of them; None where it holds none, or not all."""
-        if (kept := self._by_reservations(name)) is not None:
-            link = self.c.links[name]
+        if (by_reservations := self._by_reservations(name)) is not None:
+            free, until = by_reservations
+            link = self.c.links[name]  # (what was read while it showed room, until it does)
             shown = room(link.status, link.config, job_shape(link.config, self.c.p))
-            return kept[1] if kept[1] is not None and kept[0] >= shown > 0 else None
+            return until if free == 0 and shown > 0 else None
         until = self.by_test_only.get(name, 0.0)
         return until if until > time.time() else None
