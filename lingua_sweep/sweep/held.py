@@ -30,13 +30,20 @@ class HeldRoom:
         # cluster -> the nodes reservations cover there: until when they keep a job of ours
         # submitted now (epoch), None where it fits before them
         self.reserved: dict[str, dict[str, float | None]] = {}
+        self.told: dict[str, float] = {}  # cluster -> the reservation's end last logged
 
     def read_reservations(self, name: str, backend, params: dict) -> None:
         try:
-            self.reserved[name] = backend.reserved_nodes(params)
+            reserved = self.reserved[name] = backend.reserved_nodes(params)
         except Exception as e:  # noqa: BLE001 - advice: then sbatch --test-only's word
             log.debug("cluster %s: no reservations read (%s)", name, e)
             self.reserved.pop(name, None)
+            return
+        kept = [until for until in reserved.values() if until is not None]
+        if kept and max(kept) != self.told.get(name):
+            self.told[name] = max(kept)
+            log.info("cluster %s: a reservation keeps %d of its nodes from a job submitted now "
+                     "until ~%s", name, len(kept), clock(min(kept)))  # fmt: skip
 
     def note_test_only(self, name: str, start: float | None, asked: float) -> None:
         """sinfo showed room, yet Slurm says a job asked for now starts later: the room is not
