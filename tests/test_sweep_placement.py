@@ -560,3 +560,26 @@ def test_a_limit_full_of_the_users_jobs_is_a_turn_by_their_time_limits_not_unkno
     choice = plan.best()
     assert choice.cluster == "alpha" and choice.own_turn
     assert choice.start_s == pytest.approx(3600, abs=1)
+
+
+def test_a_job_waiting_behind_ours_that_just_ended_gets_a_probe_to_start_before_a_move():
+    """Our job on `a` ended a second ago; the job pending behind it there still carries Slurm's
+    old estimate (hours). Slurm starts it at its next pass: it is not moved (it was, and killed
+    as it started on `a`), so nothing is even asked."""
+    from lingua_sweep.sweep.params import LauncherParams
+
+    now = time.time()
+    done = JobEntry(index=0, overrides=[], config_hash="a", state="COMPLETED", cluster="a",
+                    started_at=now - 20, ended_at=now - 1)  # fmt: skip
+    waiting = JobEntry(index=1, overrides=[], config_hash="b", state="PENDING", cluster="a",
+                       submitted_at=now - 20)  # fmt: skip
+    controller = SimpleNamespace(
+        p=LauncherParams(probe_every_s=30), configs={},
+        state=SimpleNamespace(jobs={0: done, 1: waiting},
+                              by_state={"COMPLETED": {0}, "PENDING": {1}}),
+        jobs=lambda state: [waiting] if state == "PENDING" else [],
+        watcher=SimpleNamespace(pending_seen={1: now - 19}),
+    )  # fmt: skip
+    f = forecast.Forecaster(controller)
+    assert f.moves({"b": 1}, ["a", "b"]) == []
+    assert f.last_end == {"a": now - 1}

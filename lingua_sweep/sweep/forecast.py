@@ -16,7 +16,7 @@ from lingua_sweep.sweep.held import HeldRoom
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.predictions import clock
 from lingua_sweep.sweep.shape import job_shape, sbatch_params
-from lingua_sweep.sweep.states import set_start
+from lingua_sweep.sweep.states import FINAL, set_start
 
 log = logging.getLogger(__name__)
 TEST_ONLY_NAME = "lingua-sweep-test-only"
@@ -43,6 +43,8 @@ class Forecaster:
         self.observed = pl.Observed()
         self._started_seen: set[int] = set()  # jobs whose start was observed
         self._done_seen: set[int] = set()  # jobs whose run time was observed
+        self._ended_seen: set[int] = set()  # jobs whose end was observed
+        self.last_end: dict[str, float] = {}  # cluster -> when a job of ours there last ended
         self._waiting_at = -1e9  # when the waiting jobs' lateness was last taken (monotonic)
         self._table: dict[str, float | None] | None = None  # cluster -> the GPU table's FLOP/s
         self.placed: dict[int, dict[str, Any]] = {}  # job -> prediction, until it is submitted
@@ -176,6 +178,11 @@ class Forecaster:
                 if bound is not None and asked[0] == job.cluster and job.started_at is None:
                     waiting.setdefault(job.cluster, []).append(bound)
             self.observed.waiting = waiting
+        for index in set().union(*(by_state.get(s, set()) for s in FINAL)) - self._ended_seen:
+            self._ended_seen.add(index)
+            job = self.c.state.jobs[index]
+            if job.cluster and job.ended_at:
+                self.last_end[job.cluster] = max(self.last_end.get(job.cluster, 0.0), job.ended_at)
         for index in done - self._done_seen:
             self._done_seen.add(index)
             job = self.c.state.jobs[index]
@@ -331,6 +338,13 @@ class Forecaster:
             if j.started_at is None and j.moves == 0 and not j.stopping and j.submitted_at
             and j.index in c.watcher.pending_seen
         ]  # fmt: skip
+        # Where one of ours just ended, or a node it can use is free, Slurm starts it at its
+        # next pass: its estimate and state are from before (a job pending behind ours was
+        # moved as ours ended, and killed as it started there).
+        about_to_start = {n for n in {j.cluster for j in candidates}
+                          if now - self.last_end.get(n, 0.0) < c.p.probe_every_s
+                          or self.held_room.free_now(n)}  # fmt: skip
+        candidates = [j for j in candidates if j.cluster not in about_to_start]
         if not candidates:
             return []
         self.ask(names, rooms)

@@ -95,3 +95,13 @@ class HeldRoom:
             return until if free == 0 and shown > 0 else None
         until = self.by_test_only.get(name, 0.0)
         return until if until > time.time() else None
+
+    def free_now(self, name: str) -> bool:
+        """Whether sinfo shows room there for a job of ours now, within the user's limits,
+        that Slurm does not hold."""
+        link = self.c.links[name]
+        if link.status is None or not link.config.slurm:
+            return False
+        free = room(link.status, link.config, job_shape(link.config, self.c.p))
+        headroom = self.c.dispatcher.headroom(name).start
+        return self.usable_room(name, free if headroom is None else min(free, headroom)) > 0
