@@ -89,6 +89,30 @@ def capped_qos(testbed, **limits):
         sacctmgr(dict.fromkeys(limits, -1))
 
 
+@contextlib.contextmanager
+def maintenance_on_alpha(testbed, starts_in_s: int):
+    """A maintenance reservation on alpha's batch nodes, beginning in `starts_in_s` and lasting
+    an hour, for the block; yields those nodes."""
+    import uuid
+
+    batch = [n for n in testbed.node_names if n.startswith("alpha") and n not in testbed.gpu_nodes]
+    name = f"maint-{uuid.uuid4().hex[:8]}"
+    slurm(testbed, "alpha", "scontrol", "create", "reservation", f"ReservationName={name}",
+          f"StartTime=now+{starts_in_s}", "Duration=60", f"Nodes={','.join(batch)}",
+          "Flags=MAINT", "Users=root")  # fmt: skip
+    try:
+        yield batch
+    finally:
+        slurm(testbed, "alpha", "scontrol", "delete", f"ReservationName={name}", check=False)
+
+
+def planned_forecast(sweep_dir: Path) -> dict:
+    """The prediction the launcher placed the sweep's one job by."""
+    [planned] = [r["jobs"]["0"] for r in journal_records(sweep_dir)
+                 if r["kind"] == "forecast" and r["jobs"].get("0", {}).get("planned")]  # fmt: skip
+    return planned
+
+
 def check_sweep(sweep_dir: Path) -> None:
     out = subprocess.run([LINGUA_SWEEP, "check", str(sweep_dir)], capture_output=True, text=True,
                          timeout=180)  # fmt: skip
@@ -339,8 +363,7 @@ def test_a_job_waits_for_the_busy_fast_cluster_when_it_finishes_there_first(tmp_
             slurm(testbed, "alpha", "scancel", *holds, check=False)
     [job] = status_json(sweep_dir)["jobs"]
     assert job["cluster"] == "alpha" and job["state"] == "COMPLETED", job
-    [planned] = [r["jobs"]["0"] for r in journal_records(sweep_dir)
-                 if r["kind"] == "forecast" and r["jobs"].get("0", {}).get("planned")]  # fmt: skip
+    planned = planned_forecast(sweep_dir)
     assert planned["cluster"] == "alpha" and planned["slurm_start"] > planned["at"] + 30
     assert planned["alt"]["beta"] - planned["at"] == pytest.approx(200, abs=5)
     started = next(r["t"] for r in journal_records(sweep_dir)
@@ -361,30 +384,23 @@ def test_idle_nodes_held_for_a_maintenance_reservation_send_the_job_elsewhere(tm
     it (its `sbatch --test-only` says so). beta is free but marked 3x slower. Time-to-result
     sends the job to beta at once, where it finishes before alpha's reservation even ends;
     sinfo's room alone (alpha: faster and preferred) would have parked it for an hour."""
-    import uuid
-
     from lingua_sweep.sweep.journal import Journal
 
     sweep_dir = tmp_path / "sweep"
     conf = beta_slower(testbed, tmp_path / "conf", 3)
-    batch = [n for n in testbed.node_names if n.startswith("alpha") and n not in testbed.gpu_nodes]
-    name = f"maint-{uuid.uuid4().hex[:8]}"
-    slurm(testbed, "alpha", "scontrol", "create", "reservation", f"ReservationName={name}",
-          "StartTime=now+120", "Duration=60", f"Nodes={','.join(batch)}", "Flags=MAINT",
-          "Users=root")  # fmt: skip
-    try:
-        states = slurm(testbed, "alpha", "sinfo", "-h", "-p", "batch", "-N", "-o", "%t").split()
-        assert states == ["idle"] * len(batch)  # sinfo's room: nothing says "reserved" yet
-        one_job_on_alpha_or_beta(testbed, tmp_path, sweep_dir, conf, sleep_s=2)
-        reserved_until = time.time() + 3660
-    finally:
-        cancel_leftovers(testbed, sweep_dir)
-        slurm(testbed, "alpha", "scontrol", "delete", f"ReservationName={name}", check=False)
+    with maintenance_on_alpha(testbed, starts_in_s=120) as batch:
+        try:
+            states = slurm(testbed, "alpha", "sinfo", "-h", "-p", "batch", "-N", "-o",
+                           "%t").split()  # fmt: skip
+            assert states == ["idle"] * len(batch)  # sinfo's room: nothing says "reserved" yet
+            one_job_on_alpha_or_beta(testbed, tmp_path, sweep_dir, conf, sleep_s=2)
+            reserved_until = time.time() + 3660
+        finally:
+            cancel_leftovers(testbed, sweep_dir)
     [job] = status_json(sweep_dir)["jobs"]
     assert job["cluster"] == "beta" and job["state"] == "COMPLETED", job
     assert Journal(sweep_dir).replay().jobs[0].moves == 0  # placed there, not moved there
-    [planned] = [r["jobs"]["0"] for r in journal_records(sweep_dir)
-                 if r["kind"] == "forecast" and r["jobs"].get("0", {}).get("planned")]  # fmt: skip
+    planned = planned_forecast(sweep_dir)
     assert planned["cluster"] == "beta" and planned["run_s"] == pytest.approx(30, abs=1)
     # alpha as Slurm put it: after the reservation (an hour from ~2 minutes on), plus 10 s
     assert planned["alt"]["alpha"] == pytest.approx(reserved_until + 10, abs=120)
@@ -399,43 +415,36 @@ def test_idle_nodes_free_until_a_reservation_take_a_job_that_ends_before_it(tmp_
     job an hour too (it plans those two first), yet Slurm starts one at once: the reservation
     (`scontrol show reservation`) decides, so the job goes to alpha (faster, preferred), not
     to beta (free, 3x slower)."""
-    import uuid
-
     sweep_dir = tmp_path / "sweep"
     conf = beta_slower(testbed, tmp_path / "conf", 3)
-    batch = [n for n in testbed.node_names if n.startswith("alpha") and n not in testbed.gpu_nodes]
-    name = f"maint-{uuid.uuid4().hex[:8]}"
-    slurm(testbed, "alpha", "scontrol", "create", "reservation", f"ReservationName={name}",
-          "StartTime=now+600", "Duration=60", f"Nodes={','.join(batch)}", "Flags=MAINT",
-          "Users=root")  # fmt: skip
     waiting = []
-    try:
-        for _ in batch:
-            out = slurm(testbed, "alpha", "sbatch", "--parsable", "-p", "batch", "-N1",
-                        "--exclusive", "--time=60", "--output=/dev/null",
-                        "--wrap", "sleep 600")  # fmt: skip
-            waiting.append(out.strip().split(";")[0])
-        reasons = ["squeue", "-h", "-j", ",".join(waiting), "-o", "%r"]
-        wait_for(lambda: slurm(testbed, "alpha", *reasons).splitlines()
-                 == ["ReqNodeNotAvail, Reserved for maintenance"] * len(batch), 30,
-                 "the hour-long jobs to wait for the reservation")  # fmt: skip
-        test_only = slurm(testbed, "alpha", "sbatch", "--test-only", "-p", "batch", "-N1",
-                          "--exclusive", "--time=5", "--wrap", "true", stderr=True)  # fmt: skip
-        asked = time.time()
-        one_job_on_alpha_or_beta(testbed, tmp_path, sweep_dir, conf, 2,
-                                 "hydra.launcher.timeout_min=5")  # fmt: skip
-    finally:
-        cancel_leftovers(testbed, sweep_dir)
-        if waiting:
-            slurm(testbed, "alpha", "scancel", *waiting, check=False)
-        slurm(testbed, "alpha", "scontrol", "delete", f"ReservationName={name}", check=False)
+    with maintenance_on_alpha(testbed, starts_in_s=600) as batch:
+        try:
+            for _ in batch:
+                out = slurm(testbed, "alpha", "sbatch", "--parsable", "-p", "batch", "-N1",
+                            "--exclusive", "--time=60", "--output=/dev/null",
+                            "--wrap", "sleep 600")  # fmt: skip
+                waiting.append(out.strip().split(";")[0])
+            reasons = ["squeue", "-h", "-j", ",".join(waiting), "-o", "%r"]
+            wait_for(lambda: slurm(testbed, "alpha", *reasons).splitlines()
+                     == ["ReqNodeNotAvail, Reserved for maintenance"] * len(batch), 30,
+                     "the hour-long jobs to wait for the reservation")  # fmt: skip
+            test_only = slurm(testbed, "alpha", "sbatch", "--test-only", "-p", "batch", "-N1",
+                              "--exclusive", "--time=5", "--wrap", "true",
+                              stderr=True)  # fmt: skip
+            asked = time.time()
+            one_job_on_alpha_or_beta(testbed, tmp_path, sweep_dir, conf, 2,
+                                     "hydra.launcher.timeout_min=5")  # fmt: skip
+        finally:
+            cancel_leftovers(testbed, sweep_dir)
+            if waiting:
+                slurm(testbed, "alpha", "scancel", *waiting, check=False)
     from lingua_sweep.sweep.slurm_queries import slurm_time
 
     said = slurm_time(test_only.split(" to start at ")[1].split()[0])
     assert said > asked + 1800, test_only  # what sbatch --test-only says: after the reservation
     [job] = status_json(sweep_dir)["jobs"]
     assert job["cluster"] == "alpha" and job["state"] == "COMPLETED", job
-    [planned] = [r["jobs"]["0"] for r in journal_records(sweep_dir)
-                 if r["kind"] == "forecast" and r["jobs"].get("0", {}).get("planned")]  # fmt: skip
+    planned = planned_forecast(sweep_dir)
     assert planned["cluster"] == "alpha" and planned["start"] == planned["at"], planned
     check_sweep(sweep_dir)

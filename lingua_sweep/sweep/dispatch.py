@@ -141,11 +141,7 @@ class Dispatcher:
                 running = [j for j in c.open_jobs() if j.cluster == name]
                 out[name] = max(c.p.local_parallel, 1) - len(running)
                 continue
-            shape = job_shape(cfg, c.p)
-            free = room(link.status, cfg, shape)
-            start = self.headroom(name).start
-            if start is not None:
-                free = min(free, start)
+            free = self.free_within_limits(name)
             # Ours that the probe may not have seen take room first: those waiting, and those
             # submitted or seen starting since (sinfo may have counted their nodes as free).
             unseen = [
@@ -155,6 +151,14 @@ class Dispatcher:
             ]  # fmt: skip
             out[name] = max(0, free - len(unseen) - bound.get(name, 0))
         return out
+
+    def free_within_limits(self, name: str) -> int:
+        """Jobs of the sweep's shape that sinfo shows room for there, within the user's
+        limits."""
+        link = self.c.links[name]
+        free = room(link.status, link.config, job_shape(link.config, self.c.p))
+        start = self.headroom(name).start
+        return free if start is None else min(free, start)
 
     def _ours_on(self, name: str) -> list[JobEntry]:
         c = self.c

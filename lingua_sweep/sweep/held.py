@@ -90,7 +90,9 @@ class HeldRoom:
         holds every one of them; None where it holds none, or not all."""
         if (by_reservations := self._by_reservations(name)) is not None:
             free, until = by_reservations
-            link = self.c.links[name]  # (what was read while it showed room, until it does)
+            # (reservations are read only while sinfo shows room: an old read says nothing of
+            # a cluster that has none now)
+            link = self.c.links[name]
             shown = room(link.status, link.config, job_shape(link.config, self.c.p))
             return until if free == 0 and shown > 0 else None
         until = self.by_test_only.get(name, 0.0)
@@ -102,6 +104,4 @@ class HeldRoom:
         link = self.c.links[name]
         if link.status is None or not link.config.slurm:
             return False
-        free = room(link.status, link.config, job_shape(link.config, self.c.p))
-        headroom = self.c.dispatcher.headroom(name).start
-        return self.usable_room(name, free if headroom is None else min(free, headroom)) > 0
+        return self.usable_room(name, self.c.dispatcher.free_within_limits(name)) > 0

@@ -16,10 +16,12 @@ reservation), and Slurm started one like it at once.
 import heapq
 import time
 
+from lingua_sweep.sweep.slurm_queries import DEFAULT_TIME_MIN, kept_nodes
+
 # Functions of a `simulator.SimCluster` (`cluster`) and its `SimJob`s, read only; untyped here,
 # as the simulator imports this module.
 
-DEFAULT_LIMIT_S = 86400.0  # a job without --time: the partition's limit, as Slurm assumes it
+DEFAULT_LIMIT_S = DEFAULT_TIME_MIN * 60.0  # a job without --time
 
 
 def limit_of(job) -> float:
@@ -43,17 +45,10 @@ def test_only_start(cluster, new) -> float | None:
 def reserved_nodes(cluster, limit: float) -> dict[str, float | None]:
     """The nodes a reservation covers, now or later: sinfo's name -> until when a job of this
     time limit submitted now cannot use it (wall-clock epoch), None where it fits before."""
-    now, out = cluster.now(), {}
-    for start, end, nodes in cluster.reservations:
-        if end <= now:
-            continue
-        for n in nodes:
-            name = cluster.node_name(n)
-            if start < now + limit:
-                out[name] = max(out.get(name) or 0.0, _epoch(cluster, now, end))
-            else:
-                out.setdefault(name, None)
-    return out
+    now = cluster.now()
+    kept = kept_nodes([(start, end, [cluster.node_name(n) for n in nodes])
+                       for start, end, nodes in cluster.reservations], now, limit)  # fmt: skip
+    return {node: None if end is None else _epoch(cluster, now, end) for node, end in kept.items()}
 
 
 def _pending(cluster) -> list:

@@ -255,16 +255,25 @@ def reserved_nodes(params: dict[str, Any], now: float | None = None) -> dict[str
     time limit ends before the reservation begins. (`sbatch --test-only` cannot tell those
     apart: on the testbed it told a 5-minute job 60 minutes, a pending job's limit held by a
     maintenance reservation, and Slurm started one like it at once.)"""
-    now = time.time() if now is None else now
+    found = parse_reservations(run(["scontrol", "show", "reservation", "-o"]))
     limit_s = float(params.get("time") or DEFAULT_TIME_MIN) * 60
+    return kept_nodes([(r["start"], r["end"], r["nodes"]) for r in found],
+                      time.time() if now is None else now, limit_s)  # fmt: skip
+
+
+def kept_nodes(
+    reservations: list[tuple[float, float, list[str]]], now: float, limit_s: float
+) -> dict[str, float | None]:
+    """(start, end, nodes) reservations -> each node they cover, now or later: until when they
+    keep a job of this time limit started now off it, None where it ends before they begin.
+    Times in any one clock (the simulator's is its own)."""
     out: dict[str, float | None] = {}
-    for r in parse_reservations(run(["scontrol", "show", "reservation", "-o"])):
-        if r["end"] <= now:
+    for start, end, nodes in reservations:
+        if end <= now:
             continue
-        blocks = r["start"] < now + limit_s
-        for node in r["nodes"]:
-            if blocks:
-                out[node] = max(out.get(node) or 0.0, r["end"])
+        for node in nodes:
+            if start < now + limit_s:
+                out[node] = max(out.get(node) or 0.0, end)
             else:
                 out.setdefault(node, None)
     return out
