@@ -94,3 +94,30 @@ def test_reservations_read_as_scontrol_prints_them(monkeypatch):
     assert sq.reserved_nodes({"time": 120}, now=now)["alpha1"] == now + 4 * 3600
     monkeypatch.setattr(sq, "run", lambda argv: "No reservations in the system\n")
     assert sq.reserved_nodes({"time": 60}) == {}
+
+
+def test_an_array_task_is_read_from_its_own_line_never_from_its_bare_base_id(monkeypatch):
+    sacct = {"out": ""}
+
+    def run(argv):  # squeue: nothing active; sacct: as set below
+        return sacct["out"] if argv[0] == "sacct" else ""
+
+    monkeypatch.setattr(sq, "run", run)
+    ids = ["5801_0", "5801_1"]
+    # What the testbed's slurmdbd said a moment after the pending task 1 was cancelled while
+    # task 0 (split off as 5802) ran and then completed: the base record, bare, and no line of
+    # task 0's yet. Task 0 is not known yet (it completed), task 1 neither.
+    sacct["out"] = "5801|CANCELLED by 0|0:0\n"
+    states = sq.slurm_states(ids)[0]
+    assert states == {"5801_0": {"state": "UNKNOWN"}, "5801_1": {"state": "UNKNOWN"}}
+    # Seconds later each has its own line
+    sacct["out"] = "5801_0|COMPLETED|0:0\n5801_1|CANCELLED by 0|0:0\n"
+    states = sq.slurm_states(ids)[0]
+    assert [states[i]["state"] for i in ids] == ["COMPLETED", "CANCELLED"]
+    # An array cancelled before any task started: one line for its tasks; a task's own line
+    # wins over its array's, in whichever order sacct prints them.
+    for out in ("5801_[0-1]|CANCELLED|0:0\n5801_0|COMPLETED|0:0\n",
+                "5801_0|COMPLETED|0:0\n5801_[0-1]|CANCELLED|0:0\n"):  # fmt: skip
+        sacct["out"] = out
+        states = sq.slurm_states(ids)[0]
+        assert [states[i]["state"] for i in ids] == ["COMPLETED", "CANCELLED"]

@@ -28,7 +28,7 @@ import yaml
 
 from lingua_sweep.sweep import layout, remote
 from lingua_sweep.sweep.journal import LOCK_FILE, JobEntry, apply, replay
-from lingua_sweep.sweep.slurm_queries import by_id, expand_array
+from lingua_sweep.sweep.slurm_queries import per_task
 from lingua_sweep.sweep.states import SLURM_ENDED, SLURM_RAN, agrees
 
 SLURM_TIMEOUT_S = 60.0
@@ -165,7 +165,7 @@ class Facts:
 
     def sacct_state(self, cluster: str, job_id: str) -> str | None:
         slurm, job_id = self.key(cluster, job_id)
-        row = by_id(self.sacct.get(slurm, {}), job_id)
+        row = self.sacct.get(slurm, {}).get(job_id)
         return row[1].split()[0] if row else None  # "CANCELLED by 0" -> CANCELLED
 
 
@@ -336,13 +336,14 @@ def ask_slurms(c: Facts, settle_s: float, run_slurm: RunSlurm):
         for slurm in ask:
             cfg = c.configs[slurm]
             try:
-                sacct[slurm] = rows(run_slurm(cfg, [*SACCT, "-S", since]), c.prefix)
+                listed = run_slurm(cfg, [*SACCT, "-S", since])
+                sacct[slurm] = rows(listed, c.prefix)
                 # A time window leaves out a job cancelled before it was eligible: by id, then.
-                unseen = [i for s, i in c.known if s == slurm and not by_id(sacct[slurm], i)]
+                unseen = [i for s, i in c.known if s == slurm and i not in sacct[slurm]]
                 if unseen:
                     ids = dict.fromkeys([*unseen, *(i.split("_")[0] for i in unseen)])
-                    listed = run_slurm(cfg, [*SACCT, "-j", ",".join(ids)])
-                    sacct[slurm].update(rows(listed, c.prefix))
+                    listed += "\n" + run_slurm(cfg, [*SACCT, "-j", ",".join(ids)])
+                    sacct[slurm] = rows(listed, c.prefix)
                 squeue[slurm] = rows(run_slurm(cfg, SQUEUE), c.prefix)
             except remote.RemoteError as e:
                 unreachable[slurm] = e.reason
@@ -358,7 +359,7 @@ def lagging(slurm: str, sacct: Rows, squeue: Rows, c: Facts) -> bool:
     """Whether sacct does not know yet that a job the journal says ended has ended (or squeue
     shows one of the sweep's jobs COMPLETING, on its way out)."""
     for s, job_id in c.ended:
-        if s == slurm and (by_id(sacct, job_id) or ("", "PENDING"))[1].split()[0] not in SLURM_DONE:
+        if s == slurm and sacct.get(job_id, ("", "PENDING"))[1].split()[0] not in SLURM_DONE:
             return True
     return any(state == "COMPLETING" for _, state in squeue.values())
 
@@ -366,14 +367,12 @@ def lagging(slurm: str, sacct: Rows, squeue: Rows, c: Facts) -> bool:
 def rows(text: str, prefix: str) -> Rows:
     """`id|name|state` lines -> the sweep's jobs, an array's tasks that never started
     (`12_[3-9]`, one line) each under its own id."""
-    out = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        name = "|".join(parts[1:-1])
-        if len(parts) >= 3 and name.startswith(prefix):
-            for job_id in expand_array(parts[0]):
-                out[job_id] = (name, parts[-1])
-    return out
+    lines = [line.strip().split("|") for line in text.splitlines()]
+    return per_task(
+        (parts[0], ("|".join(parts[1:-1]), parts[-1]))
+        for parts in lines
+        if len(parts) >= 3 and "|".join(parts[1:-1]).startswith(prefix)
+    )
 
 
 def default_run_slurm(cfg: dict, argv: list[str]) -> str:

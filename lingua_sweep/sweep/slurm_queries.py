@@ -4,6 +4,7 @@ name, the user's limits and usage. Plain parsing of squeue/sacct/sacctmgr/scontr
 import getpass
 import statistics
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from lingua_sweep.sweep.limits import ASSOC_COLUMNS, QOS_COLUMNS, Limits, parse_limits, parse_usage
@@ -47,17 +48,13 @@ def slurm_states(ids: list[str], prefix: str | None = None) -> tuple[dict, dict[
         # An array's base id too: sacct names the tasks that never started only under it.
         asked = dict.fromkeys([*rest, *(i.split("_")[0] for i in rest if "_" in i)])
         argv = ["sacct", "-X", "-n", "-P", "-j", ",".join(asked), "-o", "JobID,State,ExitCode"]
-        out = run(argv)
-        ended: dict[str, dict[str, str]] = {}
-        for line in out.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3:
-                state = {"state": parts[1].split()[0], "exit": parts[2]}
-                ended.update(dict.fromkeys(expand_array(parts[0]), state))
-        for job_id in rest:
-            state = by_id(ended, job_id)
-            if state is not None:
-                found[job_id] = state
+        lines = [line.strip().split("|") for line in run(argv).splitlines()]
+        ended = per_task(
+            (parts[0], {"state": parts[1].split()[0], "exit": parts[2]})
+            for parts in lines
+            if len(parts) == 3
+        )
+        found.update((job_id, ended[job_id]) for job_id in rest if job_id in ended)
     return {i: found.get(i, {"state": "UNKNOWN"}) for i in ids}, named, usage.__dict__
 
 
@@ -129,10 +126,23 @@ def user_usage(prefix: str) -> dict[str, Any]:
     return parse_usage(_active_jobs(), prefix, slurm_time).__dict__
 
 
-def by_id(rows: dict[str, Any], job_id: str) -> Any:
-    """A job's sacct row; an array task of an array cancelled before Slurm split it has only
-    its base id's (one line for the whole array)."""
-    return rows.get(job_id) or (rows.get(job_id.split("_")[0]) if "_" in job_id else None)
+def per_task(rows: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """sacct's rows by job id, each task of an array's line for the tasks that never started
+    (`12_[2-3]`) under its own id. A task's own line wins over its array's.
+
+    An array's line under its bare base id (`12`) speaks for no task: slurmdbd writes the
+    base record before it knows which tasks it holds, and a moment after the first task split
+    off, a cancel of the pending rest shows `12 CANCELLED` while the split task's own record
+    is not in yet. The line's ids come a few seconds later; till then the tasks are unknown.
+    """
+    own: dict[str, Any] = {}
+    ranged: dict[str, Any] = {}
+    for job_id, row in rows:
+        if "_[" in job_id:
+            ranged.update(dict.fromkeys(expand_array(job_id), row))
+        else:
+            own[job_id] = row
+    return {**ranged, **own}
 
 
 def expand_array(job_id: str) -> list[str]:
