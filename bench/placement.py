@@ -2,7 +2,7 @@
 the team's four, under the same background traces.
 
     python bench/placement.py [--shape limits|partitions|maintenance] [--jobs 24]
-                              [--seeds 0,1,2] [--speed 60] [--parallel 9]
+                              [--seeds 0,1,2] [--speed 0] [--parallel 2]
 
 Runs `train.py -m data.seed=range(0,N)` (the default preset: 4,000 steps, one node of 8 GPUs
 per job) through the real multicluster launcher three times per seed, each against four
@@ -91,6 +91,8 @@ GPUS = 8
 
 
 def write_clusters(conf: Path, root: Path, seed: int, speed: float, shape: str) -> None:
+    """speed 0: virtual time (the launcher's clock is the simulation's); else simulated
+    seconds per real second."""
     (conf / "cluster").mkdir(parents=True, exist_ok=True)
     data = root / "data" / "fineweb_edu_10bt_shuffled"  # checked before submitting; never read
     data.mkdir(parents=True, exist_ok=True)
@@ -101,14 +103,16 @@ def write_clusters(conf: Path, root: Path, seed: int, speed: float, shape: str) 
                 "duration_s": H100_RUN_S * factor, "duration_sigma": 0.1,
                 "background_load": load, "background_gpus": GPUS,
                 "background_duration_s": 1800.0, "background_limit_factor": 3.0,
-                "warmup_s": 7200.0, "max_jobs": limit, "speed": speed,
+                "warmup_s": 7200.0, "max_jobs": limit, "speed": speed or 1.0,
                 "seed": 1000 * seed + k}  # fmt: skip
+        if not speed:
+            spec["clock"] = "virtual"
         if MAINTENANCE.get(shape, (None,))[0] == name:
             _, (earliest, latest), duration = MAINTENANCE[shape]
             start = random.Random(seed).uniform(earliest, latest)
             spec["reservations"] = [{"start_s": start, "duration_s": duration}]
-        # What the trainer achieves there, in simulated time (the launcher's clock is real).
-        flops = gpu_spec(gpu).model_flops_per_s * speed
+        # What the trainer achieves there, in simulated time per second of the launcher's clock.
+        flops = gpu_spec(gpu).model_flops_per_s * (speed or 1.0)
         cluster = {"name": name, "provider": "simulated", "gpus_per_node": GPUS,
                    "gpu_type": gpu, "priority": prio, "max_nodes": nodes,
                    "model_flops_per_s": flops,
@@ -122,15 +126,16 @@ def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path, shape
     write_clusters(conf, tmp, seed, speed, shape)
     sweep = tmp / f"sweep-{shape}-{seed}-{policy}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINGUA_"))}
+    env["PYTHONHASHSEED"] = "0"  # the same iteration order of names, run after run
+    scale = speed or 1.0  # the launcher's intervals shrink with a real clock's speed-up
     extra = list(POLICIES[policy])
     if policy != "priority-first-idle":
-        extra.append(f"hydra.launcher.max_pending_s={600 / speed}")
-    # The launcher's clock is real: its intervals shrink with the simulation's speed-up.
+        extra.append(f"hydra.launcher.max_pending_s={600 / scale}")
     cmd = [sys.executable, str(REPO / "train.py"), "-m", f"data.seed=range(0,{jobs})",
            "hydra/sweeper=grid", "hydra/launcher=multicluster",
            f"hydra.launcher.clusters=[{','.join(SHAPES[shape])}]",
-           f"hydra.launcher.poll_interval_s={5 / speed}",
-           f"hydra.launcher.probe_every_s={30 / speed}", "hydra.launcher.live=false",
+           f"hydra.launcher.poll_interval_s={5 / scale}",
+           f"hydra.launcher.probe_every_s={30 / scale}", "hydra.launcher.live=false",
            "hydra.launcher.timeout_min=60", "logging.wandb=null",
            f"hydra.searchpath=[file://{conf}]", f"hydra.sweep.dir={sweep}", *extra]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
@@ -142,25 +147,25 @@ def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path, shape
     t0 = min(registered.values())
     ended = [j.ended_at for j in entries if j.ended_at]
     ran = [(j.ended_at - j.started_at) for j in entries if j.started_at and j.ended_at]
-    errors = {name: {k: v * speed if k.endswith("_s") and v is not None else v
+    errors = {name: {k: v * scale if k.endswith("_s") and v is not None else v
                      for k, v in row.items()}
               for name, row in predictions.prediction_errors(entries).items()}  # fmt: skip
     start_err, slurm_err = [], []
     for j in entries:  # jobs placed into a queue, where Slurm gave an estimate
         plan = j.planned
         if plan and plan.get("slurm_start") and j.started_at and plan["cluster"] == j.cluster:
-            start_err.append(abs(j.started_at - plan["start"]) * speed)
-            slurm_err.append(abs(j.started_at - predictions.slurm_estimate(plan)) * speed)
+            start_err.append(abs(j.started_at - plan["start"]) * scale)
+            slurm_err.append(abs(j.started_at - predictions.slurm_estimate(plan)) * scale)
     where: dict[str, int] = {}
     for j in entries:
         where[j.cluster] = where.get(j.cluster, 0) + 1
     return {
         "policy": policy, "seed": seed,
         "done": sum(j.state == "COMPLETED" for j in entries),
-        "makespan_s": (max(ended) - t0) * speed,
+        "makespan_s": (max(ended) - t0) * scale,
         "mean_jct_s": statistics.mean(j.ended_at - registered[j.index] for j in entries
-                                      if j.ended_at) * speed,
-        "gpu_hours": sum(ran) * speed * GPUS / 3600,
+                                      if j.ended_at) * scale,
+        "gpu_hours": sum(ran) * scale * GPUS / 3600,
         "moves_per_job": sum(j.moves for j in entries) / len(entries),
         "start_err_s": statistics.median(start_err) if start_err else None,
         "slurm_err_s": statistics.median(slurm_err) if slurm_err else None,
@@ -222,7 +227,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=24)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--speed", type=float, default=60.0, help="simulated s per real s")
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        help="simulated s per real s; 0: virtual time (repeatable, CPU-bound)",
+    )
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--shape", choices=SHAPES, default="limits")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once")

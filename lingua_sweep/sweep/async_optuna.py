@@ -18,7 +18,6 @@ Its config surface and override grammar are hydra-optuna-sweeper's: this class i
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from optuna.trial import Trial, TrialState
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lingua_sweep.errors import UserError
 from lingua_sweep.results_table import fmt_override
-from lingua_sweep.sweep import faultpoint
+from lingua_sweep.sweep import clock, faultpoint
 from lingua_sweep.sweep.compose import experiment_name
 from lingua_sweep.sweep.journal import decode_value
 from lingua_sweep.sweep.launch import (
@@ -234,7 +233,7 @@ class AsyncOptunaSweep(OptunaSweeperImpl):
                 return
             if ended and self._wants_more():
                 continue  # a slot just freed up: ask and dispatch now, not a poll later
-            time.sleep(poll_interval_s)
+            clock.sleep(poll_interval_s)
 
     # --- asking ---------------------------------------------------------------------------
 

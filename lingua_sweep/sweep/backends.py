@@ -18,7 +18,6 @@ import base64
 import json
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -27,7 +26,7 @@ import cloudpickle
 
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import agent, job, remote
+from lingua_sweep.sweep import agent, clock, job, remote
 from lingua_sweep.sweep.limits import Limits
 
 T = TypeVar("T")
@@ -76,7 +75,7 @@ def retry(call: Callable[[], T], delays: tuple[float, ...] = RETRY_DELAYS_S) -> 
         try:
             return call()
         except remote.RemoteError:
-            time.sleep(delay)
+            clock.sleep(delay)
     return call()
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import faultpoint, layout
+from lingua_sweep.sweep import clock, faultpoint, layout
 from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.backends import make_backend
 from lingua_sweep.sweep.compose import JobComposer, JobConfig, is_trainer_config
@@ -73,6 +73,10 @@ class Controller:
         self.task_function = task_function
         self.composer = composer
         self.code_root = code_root or (project_root(task_function) if task_function else None)
+        if any(registry[n].simulated is not None for n in self.names):
+            from lingua_sweep.sweep.sim_backend import choose_clock
+
+            choose_clock([registry[n] for n in self.names])
         self.journal = Journal(self.sweep_dir)
         self.state = self.journal.replay()
         self.links = {
@@ -207,7 +211,7 @@ class Controller:
                 return
             if self.p.detach and all(j.state not in (QUEUED, SUBMITTING) for j in unfinished):
                 return
-            time.sleep(self.p.poll_interval_s)
+            clock.sleep(self.p.poll_interval_s)
 
     def cycle(self) -> None:
         if self.journal.changed_by_others():
@@ -342,15 +346,15 @@ class Controller:
                 self.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
                             status="CANCELLED", note=reason)  # fmt: skip
                 faultpoint.hit("stop.recorded")
-        deadline = time.monotonic() + confirm_s
+        deadline = clock.monotonic() + confirm_s
         while True:
             for link in self.links.values():
                 link.down_until = 0.0  # a cancel is worth a try on every cluster now
             self.watcher.poll()
             self.drain()
-            if confirm_s <= 0 or time.monotonic() >= deadline or not self.open_jobs():
+            if confirm_s <= 0 or clock.monotonic() >= deadline or not self.open_jobs():
                 break
-            time.sleep(min(1.0, self.p.poll_interval_s))
+            clock.sleep(min(1.0, self.p.poll_interval_s))
         if confirm_s > 0:
             problems += [f"{j.cluster}: job {j.job_id} (#{j.index}) not confirmed cancelled"
                          + (f" ({self.links[j.cluster].reason})"

@@ -9,12 +9,11 @@ take that room first). Pure functions of probe results: the controller does the 
 
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 
 from lingua_sweep import clusters as cluster_lib
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import faultpoint
+from lingua_sweep.sweep import clock, faultpoint
 from lingua_sweep.sweep import limits as limits_lib
 from lingua_sweep.sweep.forecast import Forecaster
 from lingua_sweep.sweep.journal import JobEntry
@@ -108,7 +107,7 @@ class Dispatcher:
 
     def probe(self) -> None:
         c = self.c
-        if time.monotonic() - self.last_probe < c.p.probe_every_s:
+        if clock.monotonic() - self.last_probe < c.p.probe_every_s:
             return
         links = [link for link in c.links.values() if link.available]
         # A simulated cluster answers for itself; the others are probed in parallel (sinfo).
@@ -119,8 +118,8 @@ class Dispatcher:
             link.status = status
         for link in own:
             link.status = link.backend.probe(c.p.probe_timeout_s)
-        self.last_probe = time.monotonic()
-        self.probed_at = time.time()  # journal times are wall-clock
+        self.last_probe = clock.monotonic()
+        self.probed_at = clock.now()  # journal times are wall-clock
 
     def rooms(self) -> dict[str, int]:
         """Jobs each cluster can start now, within the user's limits there, minus ours already
@@ -267,7 +266,7 @@ class Dispatcher:
             self.move_to_sooner()
         if c.p.max_pending_s is None:
             return
-        now = time.time()
+        now = clock.now()
         seen = c.watcher.pending_seen  # judged on what Slurm said, never on a stale picture
         # A job held by a limit, a partition rule or missing nodes will not start by waiting
         # its turn: it may move at once (unless time-to-result judges its wait: its turn behind
@@ -301,9 +300,9 @@ class Dispatcher:
     def move_to_sooner(self) -> None:
         """Time-to-result: a pending job moves where it would finish clearly sooner (judged
         once per probe, on Slurm's latest estimates)."""
-        if time.monotonic() - self.last_replan < self.c.p.probe_every_s:
+        if clock.monotonic() - self.last_replan < self.c.p.probe_every_s:
             return
-        self.last_replan = time.monotonic()
+        self.last_replan = clock.monotonic()
         self.probe()
         rooms = self.rooms()
         for job, target, why in self.forecaster.moves(rooms, self.reachable_slurm()):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import remote
+from lingua_sweep.sweep import clock, remote
 from lingua_sweep.sweep.check import launcher_running
 from lingua_sweep.sweep.journal import JOURNAL_FILE, Journal
 
@@ -132,7 +132,7 @@ def job_logs(
         if state.final:
             print(f"[job #{index} {state.state}]", file=sys.stderr)
             return 0
-        time.sleep(every_s)
+        clock.sleep(every_s)
         piece = _read(link, path, offset)
         if piece is not None and piece["end"] != offset:
             out.write(piece["text"])

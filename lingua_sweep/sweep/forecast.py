@@ -8,13 +8,13 @@ journaled (`forecast` records) beside what happened, so that `results` can score
 import logging
 import math
 import threading
-import time
 from typing import Any
 
+from lingua_sweep.sweep import clock
 from lingua_sweep.sweep import placement as pl
 from lingua_sweep.sweep.held import HeldRoom
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
-from lingua_sweep.sweep.predictions import clock
+from lingua_sweep.sweep.predictions import hhmm
 from lingua_sweep.sweep.shape import job_shape, sbatch_params
 from lingua_sweep.sweep.states import FINAL, set_start
 
@@ -64,17 +64,16 @@ class Forecaster:
             room = rooms.get(name, 0)
             # Once a probe; at once where room came or went since (an estimate from before a
             # cluster had room is stale when it fills again).
-            if (time.monotonic() - self.asked.get(name, -1e9) < c.p.probe_every_s
+            if (clock.monotonic() - self.asked.get(name, -1e9) < c.p.probe_every_s
                     and self.asked_with_room.get(name) == (room > 0)):  # fmt: skip
                 continue
-            self.asked[name], self.asked_with_room[name] = time.monotonic(), room > 0
+            self.asked[name], self.asked_with_room[name] = clock.monotonic(), room > 0
             params = sbatch_params(link.config, c.p, TEST_ONLY_NAME)
             self.in_flight[name] = threading.Event()
-            threading.Thread(target=self._estimate, args=(name, link, params, room),
-                             name=f"estimate-{name}", daemon=True).start()  # fmt: skip
+            clock.start_thread(self._estimate, name, link, params, room, name=f"estimate-{name}")
 
     def _estimate(self, name: str, link, params: dict[str, Any], room: int = 0) -> None:
-        asked, began, backend = time.time(), time.monotonic(), link.backend
+        asked, began, backend = clock.now(), clock.monotonic(), link.backend
         try:
             start = backend.estimate_start(params)
         except Exception as e:  # noqa: BLE001 - an estimate is advice: without one, none
@@ -130,12 +129,12 @@ class Forecaster:
         history (within the probe's timeout). Once per cluster: a hung login node must not
         stall every later placement (alpha's results were journaled 33 s late while beta's
         `--test-only` hung)."""
-        deadline = time.monotonic() + timeout_s
+        deadline = clock.monotonic() + timeout_s
         for name in names:
             event = self.in_flight.get(name)
             if event is not None and name not in self.awaited:
                 self.awaited.add(name)
-                event.wait(max(deadline - time.monotonic(), 0.0))
+                event.wait(max(deadline - clock.monotonic(), 0.0))
 
     def corrected(self, cluster: str, start: float, asked: float) -> float:
         """Slurm's estimate made at `asked`, corrected by how late its estimates there were."""
@@ -168,8 +167,8 @@ class Forecaster:
             self.first_estimate.pop(index, None)
             if job.started_at is not None and asked and asked[0] == job.cluster:
                 self.observed.add_start(job.cluster, asked[1], asked[2], job.started_at)
-        if time.monotonic() - self._waiting_at >= self.c.p.probe_every_s:
-            self._waiting_at, now = time.monotonic(), time.time()
+        if clock.monotonic() - self._waiting_at >= self.c.p.probe_every_s:
+            self._waiting_at, now = clock.monotonic(), clock.now()
             waiting: dict[str, list[float]] = {}
             for index in by_state.get("PENDING", set()):
                 job = self.c.state.jobs[index]
@@ -258,7 +257,7 @@ class Forecaster:
         seen = self.c.watcher.pending_seen.get(job.index, 0.0)
         start = self.corrected(job.cluster, slurm, seen)
         asked = self._asked(job)
-        waited = pl.wait_ratio(asked[1], asked[2], time.time()) if asked else None
+        waited = pl.wait_ratio(asked[1], asked[2], clock.now()) if asked else None
         if waited is not None and asked[0] == job.cluster:
             lateness = self.observed.correction(job.cluster, waited=waited)
             start = max(start, asked[1] + lateness * (asked[2] - asked[1]))
@@ -268,7 +267,7 @@ class Forecaster:
               queue_on: str | None, too_big: list[dict[str, str]]) -> list[str | None]:  # fmt: skip
         """The cluster for each queued job (None: wait here); the predictions behind them wait
         in `self.placed` until `journal_placed` records those of jobs that were submitted."""
-        c, now = self.c, time.time()
+        c, now = self.c, clock.now()
         self.learn()
         self.await_first(order, c.p.probe_timeout_s or 10)
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), queued[0].index, now) for n in order],
@@ -331,7 +330,7 @@ class Forecaster:
 
     def moves(self, rooms: dict[str, int], names: list[str]) -> list[tuple[JobEntry, str, str]]:
         """Pending jobs that finish clearly sooner on another of `names`: (job, target, why)."""
-        c, now = self.c, time.time()
+        c, now = self.c, clock.now()
         self.learn()
         candidates = [
             j for j in c.jobs("PENDING")
@@ -373,8 +372,8 @@ class Forecaster:
                 # another, and a scancel costs the job its place here.
                 continue
             plan.take(choice.cluster)
-            why = (f"finishes ~{clock(now + choice.finish_s)} on {choice.cluster}, "
-                   f"~{clock(now + here)} here")  # fmt: skip
+            why = (f"finishes ~{hhmm(now + choice.finish_s)} on {choice.cluster}, "
+                   f"~{hhmm(now + here)} here")  # fmt: skip
             c.record("forecast", index=job.index, jobs={str(job.index): self._forecast(
                 choice.cluster, choice, now, planned=True)})  # fmt: skip
             out.append((job, choice.cluster, why))
@@ -383,9 +382,9 @@ class Forecaster:
     def note_pending(self, job: JobEntry, slurm_start: float) -> None:
         """A poll's `squeue --start` for a pending job; journaled when it moved noticeably."""
         self.slurm_start[job.index] = (job.cluster, slurm_start)
-        self.first_estimate.setdefault(job.index, (job.cluster, time.time(), slurm_start))
+        self.first_estimate.setdefault(job.index, (job.cluster, clock.now(), slurm_start))
         last = (job.forecast or {}).get("slurm_start")
-        now = time.time()
+        now = clock.now()
         if last is not None and abs(slurm_start - last) <= max(0.2 * (last - now), 60.0):
             return
         start = self.corrected(job.cluster, slurm_start, now)

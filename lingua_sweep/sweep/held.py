@@ -11,10 +11,10 @@ left research-secure-sim's idle nodes to the dispatcher for 80 minutes before ma
 """
 
 import logging
-import time
 from dataclasses import replace
 
-from lingua_sweep.sweep.predictions import clock
+from lingua_sweep.sweep import clock
+from lingua_sweep.sweep.predictions import hhmm
 from lingua_sweep.sweep.shape import job_shape, room
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class HeldRoom:
         if kept and max(kept) != self.told.get(name):
             self.told[name] = max(kept)
             log.info("cluster %s: a reservation keeps %d of its nodes from a job submitted now "
-                     "until ~%s", name, len(kept), clock(min(kept)))  # fmt: skip
+                     "until ~%s", name, len(kept), hhmm(min(kept)))  # fmt: skip
 
     def note_test_only(self, name: str, start: float | None, asked: float) -> None:
         """sinfo showed room, yet Slurm says a job asked for now starts later: the room is not
@@ -52,7 +52,7 @@ class HeldRoom:
             if name not in self.by_test_only and self._by_reservations(name) is None:
                 log.info("cluster %s: its idle nodes are held until ~%s (for a bigger job?); "
                          "jobs go there only if they finish first anyway", name,
-                         clock(start))  # fmt: skip
+                         hhmm(start))  # fmt: skip
             self.by_test_only[name] = start
         else:
             self.by_test_only.pop(name, None)
@@ -69,7 +69,7 @@ class HeldRoom:
         names = {n.name for n in status.nodes}
         if not names & reserved.keys():
             return None
-        now = time.time()
+        now = clock.now()
         kept = {node: until for node, until in reserved.items()
                 if node in names and until is not None and until > now}  # fmt: skip
         left = replace(status, nodes=[replace(n, free_cpus=0, free_gpus=0) if n.name in kept
@@ -83,7 +83,7 @@ class HeldRoom:
             return sinfo_room
         if (by_reservations := self._by_reservations(name)) is not None:
             return min(sinfo_room, by_reservations[0])
-        return 0 if self.by_test_only.get(name, 0.0) > time.time() else sinfo_room
+        return 0 if self.by_test_only.get(name, 0.0) > clock.now() else sinfo_room
 
     def until(self, name: str) -> float | None:
         """When a job of ours may use the idle nodes sinfo shows there (epoch), where Slurm
@@ -96,7 +96,7 @@ class HeldRoom:
             shown = room(link.status, link.config, job_shape(link.config, self.c.p))
             return until if free == 0 and shown > 0 else None
         until = self.by_test_only.get(name, 0.0)
-        return until if until > time.time() else None
+        return until if until > clock.now() else None
 
     def free_now(self, name: str) -> bool:
         """Whether sinfo shows room there for a job of ours now, within the user's limits,

@@ -15,12 +15,12 @@ import fcntl
 import json
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lingua_sweep.errors import UserError
+from lingua_sweep.sweep import clock
 from lingua_sweep.sweep.states import FINAL, QUEUED, SUBMITTING
 
 JOURNAL_FILE = "journal.jsonl"
@@ -107,7 +107,7 @@ class Journal:
 
     def append_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[dict]:
         """Several records in one write and one fsync (a sweep's jobs registered at once)."""
-        now = round(time.time(), 3)
+        now = round(clock.now(), 3)
         records = [{"kind": kind, "t": now, **fields} for kind, fields in items]
         line = b"".join(
             (json.dumps(r, default=str, separators=(",", ":")) + "\n").encode() for r in records

@@ -7,7 +7,6 @@ launcher's main thread (`collect`), the only one that writes the journal.
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 from lingua_sweep import clusters as cluster_lib
 from lingua_sweep.config import ClusterConfig
+from lingua_sweep.sweep import clock
 from lingua_sweep.sweep.backends import Backend
 from lingua_sweep.sweep.limits import Limits
 
@@ -53,7 +53,7 @@ class Link:
     def down(self, reason: str, poll_s: float) -> None:
         self.failures += 1
         self.reason = reason
-        self.down_until = time.monotonic() + min(BACKOFF_MAX_S, poll_s * 2**self.failures)
+        self.down_until = clock.monotonic() + min(BACKOFF_MAX_S, poll_s * 2**self.failures)
 
     def up(self) -> None:
         self.failures, self.reason, self.down_until = 0, None, 0.0
@@ -62,12 +62,12 @@ class Link:
         """A transient refusal: submissions wait, twice as long each time in a row (capped)."""
         self.refusals += 1
         wait = min(REFUSAL_BACKOFF_MAX_S, poll_s * 2**self.refusals)
-        self.submit_after = time.monotonic() + wait
+        self.submit_after = clock.monotonic() + wait
         return wait
 
     @property
     def can_submit(self) -> bool:
-        return self.available and not self.busy and time.monotonic() >= self.submit_after
+        return self.available and not self.busy and clock.monotonic() >= self.submit_after
 
     @property
     def array_limit(self) -> int | None:
@@ -76,7 +76,7 @@ class Link:
 
     @property
     def available(self) -> bool:
-        return self.unusable is None and time.monotonic() >= self.down_until
+        return self.unusable is None and clock.monotonic() >= self.down_until
 
     @property
     def busy(self) -> bool:
@@ -93,7 +93,7 @@ class Link:
             return work()
         finally:
             self.sbatching -= 1
-            self.sbatch_done_at = time.monotonic()
+            self.sbatch_done_at = clock.monotonic()
 
     def quiet_since(self, t: float) -> bool:
         """Whether no sbatch of ours ran there since monotonic time t."""
@@ -106,16 +106,18 @@ class Link:
             self._queue = queue.Queue()
             threading.Thread(target=self._worker, daemon=True, name=self.config.name).start()
         future: Future = Future()
-        self._queue.put((work, future))
+        self._queue.put((work, future, clock.begun()))
         self.ops.append((future, then, kind))
 
     def _worker(self) -> None:
         while True:
-            work, future = self._queue.get()
+            work, future, done = self._queue.get()
             try:
                 future.set_result(work())
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 future.set_exception(e)
+            finally:
+                done()
 
     def collect(self, wait: bool = False) -> None:
         while self.ops and (wait or self.ops[0][0].done()):

@@ -6,7 +6,6 @@ change and a totals line every `PLAIN_EVERY_S`. `lingua-sweep status` prints the
 
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from lingua_sweep.results_table import fmt_override
-from lingua_sweep.sweep import layout
+from lingua_sweep.sweep import clock, layout
 from lingua_sweep.sweep.journal import FINAL, JobEntry
 from lingua_sweep.sweep.predictions import pending_note
 from lingua_sweep.sweep.states import pending_words
@@ -58,7 +57,7 @@ def job_rows(
     polls brought), the others' from the metrics.jsonl in their local dir, read once per ended
     job with `ended` (a cache the caller keeps)."""
     shared = shared_overrides(state.jobs.values())
-    now = time.time()
+    now = clock.now()
     indices = sorted(state.jobs) if indices is None else indices
     return [job_row(state.jobs[i], shared, sweep_dir, live, totals, ended, now) for i in indices]
 
@@ -176,7 +175,7 @@ class Monitor:
         self._ended: dict[int, tuple] = {}  # ended jobs' (step, loss), read once
         self._shared: set[str] = set()
         self._known = 0  # jobs when `_shared` was computed
-        self._last_plain = time.monotonic()  # the first totals line after PLAIN_EVERY_S
+        self._last_plain = clock.monotonic()  # the first totals line after PLAIN_EVERY_S
         self._recent: list[int] = []  # the latest jobs to change state (a large sweep's view)
 
     def _refresh(self, controller) -> list[Row]:
@@ -188,7 +187,7 @@ class Monitor:
             self._known = len(state.jobs)
             touched = set(state.jobs)
         running = state.by_state.get("RUNNING", set())
-        now, changed = time.time(), []
+        now, changed = clock.now(), []
         for index in sorted(touched | running):
             row = job_row(state.jobs[index], self._shared, controller.sweep_dir,
                           controller.tails, _totals(controller), self._ended, now)  # fmt: skip
@@ -224,7 +223,7 @@ class Monitor:
                 tail = f": {r.note}" if r.note and r.state in FINAL else ""
                 print(f"#{r.index} {r.state}{where} {r.params}{tail}", file=self.stream)
                 self._seen[r.index] = r.state
-        if time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
+        if clock.monotonic() - self._last_plain >= PLAIN_EVERY_S:
             running = [
                 r
                 for r in map(self._rows.get, sorted(controller.state.by_state.get("RUNNING", ())))
@@ -234,7 +233,7 @@ class Monitor:
                                       for r in running[:FULL_TABLE_ROWS])  # fmt: skip
             print(f"[sweep] {self.totals()}" + (f"; {progress_part}" if progress_part else "")
                   + (f"; {note}" if note else ""), file=self.stream)  # fmt: skip
-            self._last_plain = time.monotonic()
+            self._last_plain = clock.monotonic()
         self.stream.flush()
 
     def _view(self, changed: list[Row]) -> list[Row]:

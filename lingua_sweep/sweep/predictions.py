@@ -10,7 +10,7 @@ from typing import Any
 from lingua_sweep.sweep.journal import JobEntry
 
 
-def clock(epoch: float) -> str:
+def hhmm(epoch: float) -> str:
     if not math.isfinite(epoch):
         return "?"
     return time.strftime("%H:%M", time.localtime(epoch))
@@ -21,13 +21,13 @@ def pending_note(job: JobEntry) -> str | None:
     f = job.forecast
     if not f or job.started_at is not None or job.final:
         return None
-    words = f"starts ~{clock(f['start'])}"
+    words = f"starts ~{hhmm(f['start'])}"
     if f.get("slurm_start") and abs(f["slurm_start"] - f["start"]) >= 60:
-        words += f" (Slurm: {clock(f['slurm_start'])})"
+        words += f" (Slurm: {hhmm(f['slurm_start'])})"
     alt = f.get("alt") or {}
     if alt:
         name, finish = min(alt.items(), key=lambda kv: kv[1])
-        words += f"; {name} would finish ~{clock(finish)}"
+        words += f"; {name} would finish ~{hhmm(finish)}"
     return words
 
 

@@ -3,12 +3,15 @@
 """
 
 import threading
+import time
 from dataclasses import asdict
 from typing import Any
 
 from lingua_sweep.clusters import ClusterStatus
 from lingua_sweep.config import ClusterConfig
-from lingua_sweep.sweep.simulator import SimCluster, SimSpec
+from lingua_sweep.errors import UserError
+from lingua_sweep.sweep import clock
+from lingua_sweep.sweep.simulator import CLOCKS, SimCluster, SimSpec
 
 _CLUSTERS: dict[str, SimCluster] = {}
 _REGISTRY_LOCK = threading.Lock()
@@ -22,6 +25,26 @@ def cluster_for(config: ClusterConfig) -> SimCluster:
         if sim is None or asdict(sim.spec) != asdict(spec):
             sim = _CLUSTERS[config.name] = SimCluster(config.name, spec)
         return sim
+
+
+def choose_clock(clusters: list[ClusterConfig]) -> None:
+    """Virtual time for a sweep whose clusters are all simulated and ask for it; before any
+    simulated cluster or journal record is made."""
+    asked = {c.name: (c.simulated or {}).get("clock", "wall") for c in clusters}
+    for name, kind in asked.items():
+        if kind not in CLOCKS:
+            raise UserError(f"cluster {name}: simulated.clock={kind!r}: choose one of {CLOCKS}")
+    virtual = sorted(n for n, kind in asked.items() if kind == "virtual")
+    if not virtual:
+        return
+    real = sorted(c.name for c in clusters if c.simulated is None)
+    wall = sorted(n for n, kind in asked.items() if kind == "wall" and n not in real)
+    if real or wall:
+        raise UserError(f"clusters {virtual} run on virtual time but {real + wall} on the wall "
+                        "clock: a sweep has one clock; give every cluster of it "
+                        "simulated.clock=virtual, or none")  # fmt: skip
+    if not clock.virtual():
+        clock.use(clock.VirtualClock(start=time.time()))
 
 
 def report() -> dict[str, Any]:

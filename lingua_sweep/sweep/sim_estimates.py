@@ -14,8 +14,8 @@ reservation), and Slurm started one like it at once.
 """
 
 import heapq
-import time
 
+from lingua_sweep.sweep import clock
 from lingua_sweep.sweep.slurm_queries import DEFAULT_TIME_MIN, kept_nodes
 
 # Functions of a `simulator.SimCluster` (`cluster`) and its `SimJob`s, read only; untyped here,
@@ -58,7 +58,7 @@ def _pending(cluster) -> list:
 
 
 def _epoch(cluster, now: float, t: float) -> float:
-    return time.time() + (t - now) / cluster.spec.speed
+    return clock.now() + (t - now) / cluster.spec.speed
 
 
 def _in_order(cluster, jobs: list, now: float, clear_of_reservations=None) -> dict[str, float]:

@@ -12,8 +12,10 @@ backfill, within `backfill_depth` jobs as Slurm's bf_max_job_test); job duration
 around `duration_s`; failures, preemptions and node failures at given rates; a background
 user's jobs at a given load; jobs invisible to squeue/sacct for `visibility_lag_s` after sbatch
 (slurmdbd's lag); sbatch taking `submit_latency_s`. Time runs `speed` times faster than the
-wall clock. A finished job writes what a real one writes in its dir (status.json, metrics.jsonl,
-.hydra/overrides.yaml), so `results` reads it as it would a real sweep.
+sweep's clock: the wall clock, or virtual time (`clock: virtual`, sweep/clock.py), on which a
+simulated day takes the launcher's CPU time only. A finished job writes what a real one
+writes in its dir (status.json, metrics.jsonl, .hydra/overrides.yaml), so `results` reads it
+as it would a real sweep.
 
 `SimCluster.cpu_s` counts the CPU the simulator itself spends (thread time inside its calls),
 so a benchmark can tell the launcher's cost from the simulated cluster's.
@@ -33,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from lingua_sweep.clusters import ClusterStatus, NodeRoom
+from lingua_sweep.sweep import clock, layout, sim_estimates
 from lingua_sweep.sweep import job as job_lib
-from lingua_sweep.sweep import layout, sim_estimates
 from lingua_sweep.sweep.limits import Limits
 from lingua_sweep.sweep.states import WHY_FAILED
 
+CLOCKS = ("wall", "virtual")
 ENDS_TO_OUTCOME = {"PREEMPTED": "RESUBMIT", "NODE_FAIL": "RESUBMIT"}
 METRIC_LINES = 5  # metrics.jsonl lines a simulated job writes over its run
 
@@ -64,7 +67,9 @@ class SimSpec:
     max_jobs: int | None = None  # the user's running-jobs limit (a QOS's MaxJobsPerUser)
     max_submit: int | None = None  # the user's pending + running limit (MaxSubmitJobsPerUser)
     backfill_depth: int = 500
-    speed: float = 1.0  # simulated seconds per real second
+    speed: float = 1.0  # simulated seconds per second of the sweep's clock
+    # "virtual": the whole sweep runs on virtual time (sweep/clock.py); every cluster says so.
+    clock: str = "wall"
     seed: int = 0
     # Simulated seconds of the other user's jobs before the sweep arrives: queues as they are.
     warmup_s: float = 0.0
@@ -108,7 +113,7 @@ class SimCluster:
         self.queue: list[str] = []  # pending, in priority (submission) order
         self.ends: list[tuple[float, str]] = []  # heap of (simulated end, id) of running jobs
         self.lock = threading.RLock()
-        self.t0 = time.monotonic()
+        self.t0 = clock.monotonic()
         self.next_id = itertools.count(1000)
         self.next_background = 0.0
         self.active: set[str] = set()  # pending or running
@@ -128,10 +133,10 @@ class SimCluster:
         for t in range(0, int(spec.warmup_s), 30):
             self.advance(float(t))
         self.warmup = spec.warmup_s
-        self.t0 = time.monotonic()
+        self.t0 = clock.monotonic()
 
     def now(self) -> float:
-        return self.warmup + (time.monotonic() - self.t0) * self.spec.speed
+        return self.warmup + (clock.monotonic() - self.t0) * self.spec.speed
 
     # --- the scheduler ----------------------------------------------------------------------
 
@@ -179,7 +184,7 @@ class SimCluster:
             duration = self.background_rng.expovariate(1 / s.background_duration_s)
             limit = max(duration * 1.2, s.background_duration_s * s.background_limit_factor)
             job = SimJob(id=str(next(self.next_id)), name="background", user="other", gpus=gpus,
-                         cpus=1, nodes=1, submitted=time.monotonic(), duration=duration,
+                         cpus=1, nodes=1, submitted=clock.monotonic(), duration=duration,
                          time_limit=limit)  # fmt: skip
             self._enqueue(job)
             self.next_background += self.background_rng.expovariate(rate)
@@ -278,7 +283,7 @@ class SimCluster:
                     cpus = params.get("ntasks_per_node", 1) * (params.get("cpus_per_task") or 1)
                     job = SimJob(id=job_id, name=batch, user="me", nodes=params.get("nodes", 1),
                                  gpus=params.get("gpus_per_node") or 0, cpus=cpus,
-                                 duration=s.duration_s * spread, submitted=time.monotonic(),
+                                 duration=s.duration_s * spread, submitted=clock.monotonic(),
                                  end_as=self._draw_end(), time_limit=limit, job_dir=job_dir,
                                  overrides=list(config.task))  # fmt: skip
                     if job.duration > limit:
@@ -286,7 +291,7 @@ class SimCluster:
                     self._enqueue(job)
                 self.advance()
         if self.spec.submit_latency_s:
-            time.sleep(self.spec.submit_latency_s)
+            clock.sleep(self.spec.submit_latency_s)
         return {"ids": ids}
 
     def _draw_end(self) -> str:
@@ -325,7 +330,7 @@ class SimCluster:
     def poll(self, request: dict[str, Any]) -> dict[str, Any]:
         with self._counted("poll"), self.lock:
             self.advance()
-            now, wall = self.now(), time.monotonic()
+            now, wall = self.now(), clock.monotonic()
             states, outcomes, files = {}, {}, {}
             starts = None
             for j in request.get("jobs", []):
@@ -379,7 +384,7 @@ class SimCluster:
             cpus = params.get("ntasks_per_node", 1) * (params.get("cpus_per_task") or 1)
             probe = SimJob(id="test-only", name="test-only", user="me", cpus=cpus,
                            gpus=params.get("gpus_per_node") or 0, nodes=params.get("nodes", 1),
-                           duration=0.0, submitted=time.monotonic(),
+                           duration=0.0, submitted=clock.monotonic(),
                            time_limit=(params.get("time") or math.inf) * 60)  # fmt: skip
             return sim_estimates.test_only_start(self, probe)
 

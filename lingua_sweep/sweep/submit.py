@@ -15,7 +15,6 @@ writes the journal runs here, in the launcher's main thread.
 """
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from hydra.core.singleton import Singleton
 
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import faultpoint, layout, remote, shape
+from lingua_sweep.sweep import clock, faultpoint, layout, remote, shape
 from lingua_sweep.sweep.compose import is_trainer_config
 from lingua_sweep.sweep.job import JobTask
 from lingua_sweep.sweep.journal import JobEntry
@@ -110,7 +109,7 @@ class Submitter:
         Unknown yet: the check starts on its thread (nothing is journaled until it is known)."""
         keys = [self._data_key(link, c) for c in configs]
         prepared = (bool(link.backend.code) or link.backend.files_here) and (
-            time.monotonic() - link.limits_read_at < LIMITS_EVERY_S  # read again now and then
+            clock.monotonic() - link.limits_read_at < LIMITS_EVERY_S  # read again now and then
         )
         if prepared and all(k in self.data_checked for k in keys):
             problem = next((self.data_checked[k] for k in keys if self.data_checked[k]), None)
@@ -307,7 +306,7 @@ class Submitter:
 def read_limits(link, prefix: str) -> dict[str, Any]:
     """On the cluster's thread: the user's limits and other jobs there (may raise RemoteError)."""
     limits, usage = link.backend.limits(prefix)
-    return {"limits": limits, "usage": usage, "read_at": time.monotonic()}
+    return {"limits": limits, "usage": usage, "read_at": clock.monotonic()}
 
 
 def got_limits(link, out: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from lingua_sweep.config import ClusterConfig
 from lingua_sweep.errors import UserError
-from lingua_sweep.sweep import layout, remote
+from lingua_sweep.sweep import clock, layout, remote
 from lingua_sweep.sweep.controller import Controller
 from lingua_sweep.sweep.journal import Journal
 from lingua_sweep.sweep.monitor import job_rows, render, shown_jobs, totals_text, waiting_words
@@ -130,10 +130,9 @@ def cancel(sweep_dir: str, *, wait_s: float = 300.0) -> int:
     record, which it reads each cycle) and waits until it has, or until it is gone (then this
     takes over). Writing beside it from an older picture of the sweep is how two writers
     disagree."""
-    import time
 
     journal = open_journal(sweep_dir)
-    deadline = time.monotonic() + wait_s
+    deadline = clock.monotonic() + wait_s
     asked = False
     while True:
         try:
@@ -150,11 +149,11 @@ def cancel(sweep_dir: str, *, wait_s: float = 300.0) -> int:
         state = journal.replay()
         if all(j.final for j in state.jobs.values()) and not state.intents:
             return _cancelled(state, journal.dir, [])
-        if time.monotonic() >= deadline:
+        if clock.monotonic() >= deadline:
             print(f"the launcher has not confirmed every cancel after {wait_s:.0f}s; see "
                   f"`lingua-sweep status {journal.dir}`", file=sys.stderr)  # fmt: skip
             return 1
-        time.sleep(1.0)
+        clock.sleep(1.0)
     try:
         controller = controller_from_journal(sweep_dir)
         problems = controller.cancel_all("cancelled by `lingua-sweep cancel`")

@@ -8,11 +8,10 @@ says it ended; a finished job's outputs are brought home before its result is jo
 """
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from lingua_sweep.sweep import faultpoint, layout, remote
+from lingua_sweep.sweep import clock, faultpoint, layout, remote
 from lingua_sweep.sweep import job as job_lib
 from lingua_sweep.sweep import journal as journal_lib
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
@@ -69,10 +68,10 @@ class Watcher:
             strays = [i for i in sorted(self._active_strays)
                       if c.state.known_ids.get((name, i), -1) is None]  # fmt: skip
             used = any(cl == name for cl, _ in c.state.known_ids) and link.config.slurm
-            quiet = time.monotonic() - self._last_poll.get(name, -1e9) < c.p.probe_every_s
+            quiet = clock.monotonic() - self._last_poll.get(name, -1e9) < c.p.probe_every_s
             if not mine and not strays and not (used and not quiet):
                 continue  # nothing to watch; now and then a look for strays all the same
-            self._last_poll[name] = time.monotonic()
+            self._last_poll[name] = clock.monotonic()
             self.polls[name] = self.polls.get(name, 0) + 1
             stops = [j.job_id for j in mine if j.stopping] + strays
             link.start(lambda link=link, request=request, stops=stops:
@@ -84,7 +83,7 @@ class Watcher:
         """On the cluster's thread: scancel what must stop, poll, bring finished jobs' outputs
         home. Never raises."""
         c = self.c
-        out: dict[str, Any] = {"asked_at": time.time()}
+        out: dict[str, Any] = {"asked_at": clock.now()}
         if stops:
             try:
                 link.backend.cancel(stops)
@@ -203,8 +202,8 @@ class Watcher:
                 return
             status, error, step = stop["status"], stop["note"], stop.get("step")
         if outcome.get("missing"):
-            first = self._missing_since.setdefault(job.index, time.monotonic())
-            if time.monotonic() - first < RESULT_GRACE_S:
+            first = self._missing_since.setdefault(job.index, clock.monotonic())
+            if clock.monotonic() - first < RESULT_GRACE_S:
                 return  # asked again at the next poll
         if status == "RESUBMIT":
             if job.resubmits < c.p.max_resubmits:
