@@ -187,3 +187,29 @@ def test_cost_per_job_does_not_grow_with_the_sweep(tmp_path):
     small, large = sweep_cost(tmp_path, 500), sweep_cost(tmp_path, 5000)
     print(f"launcher CPU per job: {small * 1000:.2f} ms at 500 jobs, {large * 1000:.2f} at 5000")
     assert large <= 1.5 * small, f"{large * 1000:.2f} ms/job at 5000, {small * 1000:.2f} at 500"
+
+
+def test_squeue_start_under_a_reservation_is_the_plan_made_afresh_at_every_poll():
+    """The backfill plan is kept between polls while nothing it turns on changed or passed;
+    what squeue --start says is still what a plan made afresh says, poll after poll."""
+    from lingua_sweep.sweep import clock, sim_estimates
+
+    clock.use(clock.VirtualClock(start=0.0))
+    try:
+        spec = SimSpec(nodes=6, gpus_per_node=8, duration_s=700, background_load=0.9,
+                       background_gpus=8, background_duration_s=900, warmup_s=3600, seed=1,
+                       reservations=[{"start_s": 1500, "duration_s": 3000, "nodes": 4}])  # fmt: skip
+        sim = SimCluster("sim", spec)
+        kept = 0
+        for _ in range(1200):  # 100 simulated minutes, a poll every 5 s
+            clock.sleep(5.0)
+            before = sim.plan_kept
+            sim.advance()
+            said = sim_estimates.pending_starts(sim)
+            now = sim.now()
+            afresh = sim_estimates._backfill(sim, sim_estimates._pending(sim), now)
+            assert said == {i: sim_estimates._epoch(sim, now, t) for i, t in afresh.items()}
+            kept += sim.plan_kept is before
+        assert sim.changes > 50 and kept > 900  # jobs came and went; most polls kept the plan
+    finally:
+        clock.use(clock.WallClock())

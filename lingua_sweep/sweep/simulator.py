@@ -119,6 +119,8 @@ class SimCluster:
         self.active: set[str] = set()  # pending or running
         self.running_mine = self.pending_mine = 0
         self.calls: dict[str, int] = {}  # what the controller asked, by kind (calibration)
+        self.changes = 0  # jobs that came, started or ended: what Slurm's plans depend on
+        self.plan_kept: tuple | None = None  # sim_estimates' last backfill plan
         self.cpu_s = 0.0
         self.max_running = 0
         # sacct's history: the share of its time limit each of the other user's jobs used
@@ -163,6 +165,7 @@ class SimCluster:
             return
         job.state, job.end = state or job.end_as, t
         self.active.discard(job.id)
+        self.changes += 1
         self.running_mine -= job.user == "me"
         if job.user != "me" and job.start is not None and math.isfinite(job.time_limit):
             self.others_used.append(min((t - job.start) / job.time_limit, 1.0))
@@ -221,6 +224,7 @@ class SimCluster:
             heapq.heappush(self.ends, (now + min(job.duration, job.time_limit), job.id))
             started.append(job_id)
         if started:
+            self.changes += 1
             gone = set(started)
             self.queue = [i for i in self.queue if i not in gone]
         self.max_running = max(self.max_running, self.running_mine)
@@ -229,6 +233,7 @@ class SimCluster:
         self.jobs[job.id] = job
         self.queue.append(job.id)
         self.active.add(job.id)
+        self.changes += 1
         self.pending_mine += job.user == "me"
 
     def _write_outputs(self, job: SimJob) -> None:
@@ -322,6 +327,7 @@ class SimCluster:
                     job.state, job.end = "CANCELLED", now
                     self.queue.remove(job_id)
                     self.active.discard(job_id)
+                    self.changes += 1
                     self.pending_mine -= job.user == "me"
                 else:
                     self._end(job, now, "CANCELLED")
