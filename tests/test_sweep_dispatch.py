@@ -147,6 +147,47 @@ def test_a_job_moves_once_and_only_where_there_is_room():
 RANK_APP = Path(__file__).resolve().parent / "apps" / "rank_app.py"
 
 
+def test_new_room_goes_to_the_jobs_waiting_here_before_a_pending_job_moves_into_it():
+    """b's one slot frees; job #5 has pended 700 s on a. A job still waiting here takes the
+    slot at the next dispatch, so #5 stays where it is: moved, it would wait a whole run behind
+    that job (limits, seed 2: 925 s)."""
+    import time
+    from types import SimpleNamespace
+
+    from lingua_sweep.sweep.journal import QUEUED, JobEntry
+
+    now = time.time()
+    pending = JobEntry(index=5, overrides=[], config_hash="p", state="PENDING", cluster="a",
+                       submitted_at=now - 700, reason="Priority")  # fmt: skip
+    slurm_cluster = SimpleNamespace(slurm=True)
+
+    def moved(*waiting_here: JobEntry) -> list[tuple[int, str]]:
+        c = SimpleNamespace(
+            p=LauncherParams(placement="priority", max_pending_s=600), composer=object(),
+            registry={"a": slurm_cluster, "b": slurm_cluster, "c": slurm_cluster},
+            links={"a": None, "b": None, "c": None},
+            jobs=lambda state: {"PENDING": [pending], QUEUED: list(waiting_here)}.get(state, []),
+            watcher=SimpleNamespace(pending_seen={5: now}),
+        )  # fmt: skip
+        d = dispatch.Dispatcher(c)
+        d.probe = lambda: None
+        # b's room as counted (ours bound for it, a job moved there, left out already)
+        d.rooms = lambda: {"a": 0, "b": 1, "c": 0}
+        d.forecaster.usable = lambda rooms: rooms
+        out = []
+        d._move = lambda job, target, note: out.append((job.index, target))
+        d.move_long_pending()
+        return out
+
+    def waiting(index: int, target: str | None = None) -> JobEntry:
+        return JobEntry(index=index, overrides=[], config_hash=str(index), state=QUEUED,
+                        target=target)  # fmt: skip
+
+    assert moved() == [(5, "b")]
+    assert moved(waiting(2)) == [] and moved(waiting(7)) == []
+    assert moved(waiting(2, target="b")) == [(5, "b")]  # bound for b: in b's count already
+
+
 def app_sweep_cmd(testbed, sweep_dir, *args):
     return [
         sys.executable, str(RANK_APP), "-m", "hydra/launcher=multicluster",

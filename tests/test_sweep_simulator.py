@@ -196,9 +196,10 @@ def test_squeue_start_under_a_reservation_is_the_plan_made_afresh_at_every_poll(
 
     clock.use(clock.VirtualClock(start=0.0))
     try:
+        maintenance = {"start_s": 1500, "duration_s": 3000, "nodes": 4}
         spec = SimSpec(nodes=6, gpus_per_node=8, duration_s=700, background_load=0.9,
                        background_gpus=8, background_duration_s=900, warmup_s=3600, seed=1,
-                       reservations=[{"start_s": 1500, "duration_s": 3000, "nodes": 4}])  # fmt: skip
+                       reservations=[maintenance])  # fmt: skip
         sim = SimCluster("sim", spec)
         kept = 0
         for _ in range(1200):  # 100 simulated minutes, a poll every 5 s

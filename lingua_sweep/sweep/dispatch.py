@@ -151,6 +151,18 @@ class Dispatcher:
             out[name] = max(0, free - len(unseen) - bound.get(name, 0))
         return out
 
+    def rooms_for_moves(self) -> dict[str, int]:
+        """The rooms a pending job may move into: what the jobs still waiting here leave, in
+        the clusters' order. They take room first, at the next dispatch (a job moved into a
+        slot that one of them took waited a whole run behind it)."""
+        rooms = self.rooms()
+        held = sum(1 for j in self.c.jobs(QUEUED) if j.target not in self.c.links)
+        for name in rooms:
+            taken = min(held, max(rooms[name], 0))
+            rooms[name] -= taken
+            held -= taken
+        return rooms
+
     def free_within_limits(self, name: str) -> int:
         """Jobs of the sweep's shape that sinfo shows room for there, within the user's
         limits."""
@@ -280,7 +292,7 @@ class Dispatcher:
         if not stuck:
             return
         self.probe()
-        rooms = self.forecaster.usable(self.rooms())
+        rooms = self.forecaster.usable(self.rooms_for_moves())
         for job in stuck:
             others = {n: r for n, r in rooms.items() if n != job.cluster and c.registry[n].slurm}
             waited = math.inf if not_soon(job.reason) else now - job.submitted_at
@@ -304,7 +316,7 @@ class Dispatcher:
             return
         self.last_replan = clock.monotonic()
         self.probe()
-        rooms = self.rooms()
+        rooms = self.rooms_for_moves()
         for job, target, why in self.forecaster.moves(rooms, self.reachable_slurm()):
             self._move(job, target, why)
 
