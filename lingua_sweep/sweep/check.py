@@ -28,7 +28,7 @@ import yaml
 
 from lingua_sweep.sweep import layout, remote
 from lingua_sweep.sweep.journal import LOCK_FILE, JobEntry, apply, replay
-from lingua_sweep.sweep.slurm_queries import per_task
+from lingua_sweep.sweep.slurm_queries import by_id, per_task
 from lingua_sweep.sweep.states import SLURM_ENDED, SLURM_RAN, agrees
 
 SLURM_TIMEOUT_S = 60.0
@@ -165,7 +165,7 @@ class Facts:
 
     def sacct_state(self, cluster: str, job_id: str) -> str | None:
         slurm, job_id = self.key(cluster, job_id)
-        row = self.sacct.get(slurm, {}).get(job_id)
+        row = by_id(self.sacct.get(slurm, {}), job_id)
         return row[1].split()[0] if row else None  # "CANCELLED by 0" -> CANCELLED
 
 
@@ -339,7 +339,7 @@ def ask_slurms(c: Facts, settle_s: float, run_slurm: RunSlurm):
                 listed = run_slurm(cfg, [*SACCT, "-S", since])
                 sacct[slurm] = rows(listed, c.prefix)
                 # A time window leaves out a job cancelled before it was eligible: by id, then.
-                unseen = [i for s, i in c.known if s == slurm and i not in sacct[slurm]]
+                unseen = [i for s, i in c.known if s == slurm and not by_id(sacct[slurm], i)]
                 if unseen:
                     ids = dict.fromkeys([*unseen, *(i.split("_")[0] for i in unseen)])
                     listed += "\n" + run_slurm(cfg, [*SACCT, "-j", ",".join(ids)])
@@ -359,7 +359,7 @@ def lagging(slurm: str, sacct: Rows, squeue: Rows, c: Facts) -> bool:
     """Whether sacct does not know yet that a job the journal says ended has ended (or squeue
     shows one of the sweep's jobs COMPLETING, on its way out)."""
     for s, job_id in c.ended:
-        if s == slurm and sacct.get(job_id, ("", "PENDING"))[1].split()[0] not in SLURM_DONE:
+        if s == slurm and (by_id(sacct, job_id) or ("", "PENDING"))[1].split()[0] not in SLURM_DONE:
             return True
     return any(state == "COMPLETING" for _, state in squeue.values())
 

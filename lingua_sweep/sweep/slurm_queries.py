@@ -54,7 +54,11 @@ def slurm_states(ids: list[str], prefix: str | None = None) -> tuple[dict, dict[
             for parts in lines
             if len(parts) == 3
         )
-        found.update((job_id, ended[job_id]) for job_id in rest if job_id in ended)
+        for job_id in rest:
+            if job_id in ended:
+                found[job_id] = ended[job_id]
+            elif (state := by_id(ended, job_id)) is not None:
+                found[job_id] = {**state, "whole_array": True}
     return {i: found.get(i, {"state": "UNKNOWN"}) for i in ids}, named, usage.__dict__
 
 
@@ -128,13 +132,7 @@ def user_usage(prefix: str) -> dict[str, Any]:
 
 def per_task(rows: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     """sacct's rows by job id, each task of an array's line for the tasks that never started
-    (`12_[2-3]`) under its own id. A task's own line wins over its array's.
-
-    An array's line under its bare base id (`12`) speaks for no task: slurmdbd writes the
-    base record before it knows which tasks it holds, and a moment after the first task split
-    off, a cancel of the pending rest shows `12 CANCELLED` while the split task's own record
-    is not in yet. The line's ids come a few seconds later; till then the tasks are unknown.
-    """
+    (`12_[2-3]`) under its own id. A task's own line wins over its array's."""
     own: dict[str, Any] = {}
     ranged: dict[str, Any] = {}
     for job_id, row in rows:
@@ -143,6 +141,16 @@ def per_task(rows: Iterable[tuple[str, Any]]) -> dict[str, Any]:
         else:
             own[job_id] = row
     return {**ranged, **own}
+
+
+def by_id(rows: dict[str, Any], job_id: str) -> Any:
+    """A job's sacct row; for an array task without one, its array's line under the bare base
+    id (`12`), which slurmdbd writes before it knows which tasks the record holds: for an array
+    cancelled before any task started, that line is every task's (for seconds, under load for
+    more than 30). It is not the line of a task that started: a moment after the first task
+    split off and the pending rest was cancelled, `12 CANCELLED` showed while the started
+    task's own record was not in yet (the poll tells those apart: `whole_array`)."""
+    return rows.get(job_id) or (rows.get(job_id.split("_")[0]) if "_" in job_id else None)
 
 
 def expand_array(job_id: str) -> list[str]:
