@@ -27,26 +27,31 @@ def wall_clock_after():
     clock.use(clock.WallClock())
 
 
-def test_virtual_time_waits_for_calls_in_flight_then_jumps(wall_clock_after):
+def test_on_virtual_time_calls_take_no_time_and_sleeps_jump(wall_clock_after):
     clock.use(clock.VirtualClock(start=1000.0))
     assert clock.virtual() and clock.now() == clock.monotonic() == 1000.0
     seen = []
 
-    def slow_call():
-        time.sleep(0.3)
-        seen.append(clock.now())  # time stood still while it ran
-        clock.sleep(50.0)  # a retry's pause on another thread moves no time
+    def a_call(tag):
+        time.sleep(0.05)
+        seen.append((tag, clock.now(), threading.current_thread() is threading.main_thread()))
 
-    clock.start_thread(slow_call, name="slow")
-    began = time.monotonic()
+    clock.start_thread(a_call, "estimate", name="estimate")
+    assert seen == [("estimate", 1000.0, True)]  # done, on this thread, at no time
     clock.sleep(5.0)
-    assert time.monotonic() - began >= 0.25  # it waited for the call
-    assert seen == [1000.0] and clock.now() == 1005.0
-    done = clock.begun()  # a call handed to a cluster's thread, finished at once
-    done()
-    done()  # told twice, counted once
-    clock.sleep(1.0)
-    assert clock.now() == 1006.0
+    assert clock.now() == 1005.0
+    # A cluster's calls too: in order, done before the loop collects them
+    from types import SimpleNamespace
+
+    from lingua_sweep.sweep.link import Link
+
+    link = Link(config=SimpleNamespace(name="sim"), backend=None)
+    got = []
+    link.start(lambda: a_call("poll") or 1, got.append, kind="poll")
+    link.start(lambda: a_call("submit") or 2, got.append, kind="submit")
+    assert [tag for tag, *_ in seen[1:]] == ["poll", "submit"] and not link.busy
+    link.collect()
+    assert got == [1, 2]
 
 
 def test_a_sweep_has_one_clock(wall_clock_after):
@@ -104,17 +109,3 @@ def test_a_simulated_sweep_on_virtual_time_repeats_itself(tmp_path):
     first = virtual_sweep(tmp_path / "1")
     assert first == virtual_sweep(tmp_path / "2")
     assert {cluster for _, cluster, *_ in first} == {"slow", "fast"}
-
-
-def test_a_call_that_never_returns_holds_time_a_while_not_forever(wall_clock_after):
-    clock.use(clock.VirtualClock(start=0.0))
-    release = threading.Event()
-    clock.start_thread(release.wait, name="held")
-    clock.VirtualClock.SETTLE_S, settle = 0.2, clock.VirtualClock.SETTLE_S
-    try:  # a call that never returns holds time for SETTLE_S (real) at most, not forever
-        began = time.monotonic()
-        clock.sleep(1.0)
-        assert 0.15 <= time.monotonic() - began < 5 and clock.now() == 1.0
-    finally:
-        clock.VirtualClock.SETTLE_S = settle
-        release.set()

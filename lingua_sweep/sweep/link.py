@@ -102,24 +102,29 @@ class Link:
     def start(self, work: Callable[[], Any], then: Callable[[Any], None], kind: str = "") -> None:
         """Runs work() on this cluster's thread, after the calls started before it;
         then(result) runs in the main thread when `collect` finds it done."""
+        future: Future = Future()
+        self.ops.append((future, then, kind))
+        if clock.virtual():  # calls take no time there: run now, in order (the same every run)
+            _run(work, future)
+            return
         if self._queue is None:
             self._queue = queue.Queue()
             threading.Thread(target=self._worker, daemon=True, name=self.config.name).start()
-        future: Future = Future()
-        self._queue.put((work, future, clock.begun()))
-        self.ops.append((future, then, kind))
+        self._queue.put((work, future))
 
     def _worker(self) -> None:
         while True:
-            work, future, done = self._queue.get()
-            try:
-                future.set_result(work())
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                future.set_exception(e)
-            finally:
-                done()
+            work, future = self._queue.get()
+            _run(work, future)
 
     def collect(self, wait: bool = False) -> None:
         while self.ops and (wait or self.ops[0][0].done()):
             future, then, _ = self.ops.pop(0)
             then(future.result())
+
+
+def _run(work: Callable[[], Any], future: Future) -> None:
+    try:
+        future.set_result(work())
+    except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+        future.set_exception(e)
