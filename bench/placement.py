@@ -34,6 +34,10 @@ Prints per policy, mean over seeds: makespan, mean job completion time, GPU-hour
 per job; for time-to-result, the median start-prediction error against Slurm's own estimate's
 (jobs placed into a queue; Slurm's is its first `squeue --start` for the job, else the
 `sbatch --test-only` answer the placement saw). All times in simulated seconds.
+
+The launcher runs on virtual time (`simulated.clock: virtual`): a run repeats itself exactly and
+takes seconds of CPU, so `--parallel` beyond the machine's cores buys nothing. `--speed N` runs
+it on the real clock instead, N simulated seconds per second (the rounds before the seventh).
 """
 
 import argparse
@@ -248,8 +252,7 @@ def main() -> int:
             print(json.dumps(row), file=sys.stderr, flush=True)
             return row
 
-        # The launchers mostly sleep (a run costs ~4 CPU-s in ~70 s), so runs can share a
-        # machine; each has its own clusters and clock.
+        # Each run is its own process, with its own clusters and clock.
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             rows = list(pool.map(run, runs))
     bound = makespan_bound(args.shape, args.jobs)
