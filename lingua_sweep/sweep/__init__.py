@@ -8,6 +8,7 @@ backends    one protocol for a cluster: in-process (local Slurm, `local`) or ove
 dispatch    which queued job goes to which cluster now, and moving long-pending jobs
 controller  the loop tying journal, backends and dispatch together
 monitor     the live view of a running sweep
-simulator   a simulated Slurm cluster behind the same protocol (bench/scale.py)
+clock       the controller's clock: the wall clock, or virtual time on simulated clusters
+simulator   a simulated Slurm cluster behind the same protocol (bench/scale.py, placement.py)
 finding     `lingua-sweep ls | logs`
 """

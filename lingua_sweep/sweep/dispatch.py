@@ -101,7 +101,7 @@ class Dispatcher:
     def __init__(self, controller):
         self.c = controller
         self.last_probe = -1e9
-        self.probed_at = 0.0  # wall-clock, like the journal's times
+        self.probed_at = 0.0  # on the journal's clock (clock.now)
         self.forecaster = Forecaster(controller)
         self.last_replan = -1e9
 
@@ -119,7 +119,7 @@ class Dispatcher:
         for link in own:
             link.status = link.backend.probe(c.p.probe_timeout_s)
         self.last_probe = clock.monotonic()
-        self.probed_at = clock.now()  # journal times are wall-clock
+        self.probed_at = clock.now()  # on the journal's clock
 
     def rooms(self) -> dict[str, int]:
         """Jobs each cluster can start now, within the user's limits there, minus ours already

@@ -23,7 +23,6 @@ so a benchmark can tell the launcher's cost from the simulated cluster's.
 
 import heapq
 import itertools
-import json
 import math
 import random
 import statistics
@@ -31,18 +30,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lingua_sweep.clusters import ClusterStatus, NodeRoom
 from lingua_sweep.sweep import clock, layout, sim_estimates
-from lingua_sweep.sweep import job as job_lib
 from lingua_sweep.sweep.limits import Limits
+from lingua_sweep.sweep.sim_jobs import SimJob, metrics, write_outputs
 from lingua_sweep.sweep.states import WHY_FAILED
 
 CLOCKS = ("wall", "virtual")
 ENDS_TO_OUTCOME = {"PREEMPTED": "RESUBMIT", "NODE_FAIL": "RESUBMIT"}
-METRIC_LINES = 5  # metrics.jsonl lines a simulated job writes over its run
 
 
 @dataclass(kw_only=True)
@@ -78,27 +75,6 @@ class SimSpec:
     # only if its time limit ends before the reservation begins; sinfo calls the node idle until
     # then, and "maint" during it.
     reservations: list[dict[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class SimJob:
-    id: str
-    name: str
-    user: str
-    gpus: int  # per node
-    cpus: int  # per node
-    nodes: int
-    duration: float  # simulated seconds it runs, if nothing stops it
-    submitted: float  # real monotonic time of the sbatch (visibility)
-    end_as: str = "COMPLETED"
-    time_limit: float = math.inf  # what it asked for (sbatch --time), in simulated seconds
-    job_dir: str | None = None
-    overrides: list[str] = field(default_factory=list)
-    state: str = "PENDING"
-    reason: str = "Priority"
-    start: float | None = None  # simulated time
-    end: float | None = None
-    on: list[int] = field(default_factory=list)  # node indices
 
 
 class SimCluster:
@@ -173,7 +149,7 @@ class SimCluster:
             self.free_gpus[n] += job.gpus
             self.free_cpus[n] += job.cpus
         if job.job_dir is not None:
-            self._write_outputs(job)
+            write_outputs(job, self.name)
 
     def _background(self, now: float) -> None:
         s = self.spec
@@ -235,31 +211,6 @@ class SimCluster:
         self.active.add(job.id)
         self.changes += 1
         self.pending_mine += job.user == "me"
-
-    def _write_outputs(self, job: SimJob) -> None:
-        """What the job's own process writes in its dir on a real cluster."""
-        d = Path(job.job_dir)
-        (d / ".hydra").mkdir(parents=True, exist_ok=True)
-        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in job.overrides))
-        (d / layout.METRICS_FILE).write_text(self._metrics(job, math.inf))
-        status = "COMPLETED" if job.state == "COMPLETED" else "FAILED"
-        job_lib.write_status(d, status=status, job_id=job.id, cluster=self.name,
-                             started=job.start, step=self._steps_done(job, job.end))  # fmt: skip
-
-    def _steps_done(self, job: SimJob, t: float) -> int:
-        if job.start is None:
-            return 0
-        return min(METRIC_LINES, int(METRIC_LINES * (t - job.start) / max(job.duration, 1e-9)))
-
-    def _metrics(self, job: SimJob, t: float) -> str:
-        """The job's metrics.jsonl as far as it got by simulated time `t`: a falling loss."""
-        done = self._steps_done(job, min(t, job.end if job.end is not None else t))
-        base = 3.0 + (int(job.id) % 97) / 97
-        return "".join(
-            json.dumps({"step": k * 100, "loss/train": round(base + 1 / k, 4),
-                        **({"loss/val": round(base + 1.1 / k, 4)} if k == METRIC_LINES else {})})
-            + "\n" for k in range(1, done + 1)
-        )  # fmt: skip
 
     # --- what the agent does on a real cluster ---------------------------------------------
 
@@ -358,7 +309,7 @@ class SimCluster:
             for path, offset in request.get("files", {}).items():
                 job = by_dir.get(path)
                 if job is not None and job.start is not None:
-                    text = self._metrics(job, now)
+                    text = metrics(job, now)
                     start = offset if offset is not None and offset <= len(text) else 0
                     files[path] = {"start": start, "end": len(text), "text": text[start:]}
             prefix = request.get("prefix") or "\0"
