@@ -220,7 +220,8 @@ def poll(request: dict[str, Any], *, slurm: bool) -> dict[str, Any]:
     for j in jobs:
         state = states[j["id"]]
         own = _own_status(j["dir"], j["id"]) if j.get("dir") else None
-        if own is not None and state.pop("whole_array", False):
+        whole_array = state.pop("whole_array", False)  # slurm_states' marker, not the launcher's
+        if own is not None and whole_array:
             # It started, so its array's line is not its own: unknown until sacct has it (a
             # task that completed read CANCELLED, from the line of the pending rest).
             state = states[j["id"]] = {"state": "UNKNOWN"}
