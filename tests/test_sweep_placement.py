@@ -583,3 +583,41 @@ def test_a_job_waiting_behind_ours_that_just_ended_gets_a_probe_to_start_before_
     f = forecast.Forecaster(controller)
     assert f.moves({"b": 1}, ["a", "b"]) == []
     assert f.last_end == {"a": now - 1}
+
+
+def test_the_job_first_in_line_starts_as_our_running_job_ends_and_the_safety_net_leaves_it():
+    """No limit of ours on `a`: Slurm's word for the job first in line (3 hours) counts our
+    running job there to its 4-hour limit; that job ends in 100 s and its node is the first in
+    line's. The last job of a sweep was moved by the safety net from there to a 1.5x slower
+    cluster on that word, and finished last. A job behind others' (`Priority`) keeps Slurm's
+    word, and the safety net may move it."""
+    from lingua_sweep.sweep.limits import Headroom
+    from lingua_sweep.sweep.params import LauncherParams
+
+    now = time.time()
+    clusters = {n: ClusterConfig(name=n, gpu_type=gpu, data_root="/d", output_root="/o")
+                for n, gpu in (("a", "H100"), ("b", "A100"))}  # fmt: skip
+    links = {n: SimpleNamespace(config=c, status=None, usage={}) for n, c in clusters.items()}
+    running = JobEntry(index=0, overrides=[], config_hash="a", state="RUNNING", cluster="a",
+                       started_at=now - 600)  # fmt: skip
+    first = JobEntry(index=1, overrides=[], config_hash="b", state="PENDING", cluster="a",
+                     submitted_at=now - 900, reason="Resources")  # fmt: skip
+    behind = JobEntry(index=2, overrides=[], config_hash="c", state="PENDING", cluster="a",
+                      submitted_at=now - 900, reason="Priority")  # fmt: skip
+    controller = SimpleNamespace(
+        p=LauncherParams(expected_run_s=700, probe_every_s=30), links=links, configs={},
+        dispatcher=SimpleNamespace(headroom=lambda n: Headroom(start=None, submit=None)),
+        open_jobs=lambda: [running, first, behind], jobs=lambda state: [],
+        watcher=SimpleNamespace(pending_seen={1: now - 5, 2: now - 5}),
+    )  # fmt: skip
+    f = forecast.Forecaster(controller)
+    for job in (first, behind):
+        f.slurm_start[job.index] = ("a", now + 3 * 3600)
+    a = f.outlook("a", 0, 1, now)
+    assert a.frees_s == pytest.approx([100], abs=1)
+    assert a.pending_s == pytest.approx([100, 3 * 3600], abs=1)
+    # On `b` (A100s) the job would finish in 1,050 s; here in ~800 s.
+    assert f.sooner_here(first, "b", {"b": 1})
+    assert not f.sooner_here(behind, "b", {"b": 1})
+    first.reason = "Priority"  # behind another user's job: Slurm's word stands
+    assert f.outlook("a", 0, 1, now).pending_s[0] == pytest.approx(3 * 3600, abs=1)

@@ -299,6 +299,8 @@ class Dispatcher:
             if not should_move(waited, job.moves, c.p.max_pending_s, others):
                 continue
             target = next(n for n, r in others.items() if r > 0)
+            if self._judged(job) and self.forecaster.sooner_here(job, target, rooms):
+                continue
             rooms[target] -= 1
             why = pending_words(job.reason) if not_soon(job.reason) else None
             self._move(job, target, f"pending {now - job.submitted_at:.0f}s "

@@ -16,7 +16,7 @@ from lingua_sweep.sweep.held import HeldRoom
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.predictions import hhmm
 from lingua_sweep.sweep.shape import job_shape, sbatch_params
-from lingua_sweep.sweep.states import FINAL, set_start
+from lingua_sweep.sweep.states import FINAL, first_in_line, set_start
 
 log = logging.getLogger(__name__)
 TEST_ONLY_NAME = "lingua-sweep-test-only"
@@ -215,13 +215,21 @@ class Forecaster:
         # as Slurm assumes of every job (else a job behind our limit on alpha went to beta's
         # queue, a year away behind jobs with no limit).
         ends_by = run if run is not None else self.c.p.timeout_min * 60.0
-        frees, pending = [], []
+        frees, pending, first = [], [], None
         for job in self._ours(name):
             if job.started_at is not None:
                 frees.append(pl.remaining_s(ends_by, now - job.started_at))
             else:
                 expected = self.pending_start(job)
                 pending.append(None if expected is None else expected - now)
+                if first_in_line(job.reason):
+                    first = len(pending) - 1
+        if headroom is None and first is not None and frees:
+            # Slurm's word for the job first in line counts our running jobs to their time
+            # limits; the node the first of them frees is its own (job 21 of 24 was moved to
+            # a slower cluster on an estimate an hour past our job's end there).
+            expected = pending[first]
+            pending[first] = min(frees) if expected is None else min(expected, min(frees))
         if headroom is not None:  # the user's other jobs there hand on their slots too
             frees += [max(end - now, 0.0) for end in (self.c.links[name].usage or {}).get(
                 "ends", [])]  # fmt: skip
@@ -378,6 +386,23 @@ class Forecaster:
                 choice.cluster, choice, now, planned=True)})  # fmt: skip
             out.append((job, choice.cluster, why))
         return out
+
+    def sooner_here(self, job: JobEntry, target: str, rooms: dict[str, int]) -> bool:
+        """Whether a pending job is predicted to finish where it waits not clearly later (by the
+        move margin) than in the target's room now: then the `max_pending_s` safety net leaves
+        it (it moved the last job of a sweep, first in line behind our own job's end, to a 1.5x
+        slower cluster)."""
+        now, here = clock.now(), job.cluster
+        run_here, run_there = self.run_s(job.index, here), self.run_s(job.index, target)
+        if run_here is None or run_there is None:
+            return False
+        plan = pl.Plan([self.outlook(here, rooms.get(here, 0), job.index, now)])
+        waiting = [j.index for j in self._ours(here) if j.started_at is None]
+        starts = dict(zip(waiting, plan.pending_starts[here], strict=False))
+        if job.index not in starts:
+            return False
+        finish_here = starts[job.index] + run_here
+        return finish_here - run_there < max(pl.MOVE_GAIN * finish_here, 2 * self.c.p.probe_every_s)
 
     def note_pending(self, job: JobEntry, slurm_start: float) -> None:
         """A poll's `squeue --start` for a pending job; journaled when it moved noticeably."""

@@ -124,3 +124,9 @@ def not_soon(reason: str | None) -> bool:
 def set_start(reason: str | None) -> bool:
     """Whether Slurm's start for a job pending for this reason is a set time."""
     return reason_code(reason) in SET_START
+
+
+def first_in_line(reason: str | None) -> bool:
+    """Whether a job pending for this reason is the first in its queue: Slurm gives the next
+    nodes that fit it to it."""
+    return reason_code(reason) == "Resources"
