@@ -621,3 +621,18 @@ def test_the_job_first_in_line_starts_as_our_running_job_ends_and_the_safety_net
     assert not f.sooner_here(behind, "b", {"b": 1})
     first.reason = "Priority"  # behind another user's job: Slurm's word stands
     assert f.outlook("a", 0, 1, now).pending_s[0] == pytest.approx(3 * 3600, abs=1)
+
+
+def test_a_turn_of_ours_that_a_reservation_covers_opens_when_the_reservation_ends():
+    """Our limit on `a` is full; our job there ends in 900 s, but a maintenance keeps a job of
+    ours off every node from 600 s (its start less our time limit) for two hours. The turn is
+    at the maintenance's end, so the job goes to `b` (start 1,000 s, 1,000 s to run)."""
+    b = outlook("b", start=1000, run=1000)
+    a = outlook("a", run=700, frees=[900], headroom=0)
+    assert pl.Plan([a, b]).best().cluster == "a"  # 1,600 s
+    a.blackout = (600.0, 7800.0)
+    choice = pl.Plan([a, b]).best()
+    assert choice.cluster == "b" and choice.alternatives == {"a": 8500.0}
+    # Our job pending there under our limit holds the turn after it, which also waits it out
+    a.pending_s, a.frees_s = [300.0], []
+    assert pl.Plan([a, b]).slots["a"] == [(7800.0, True)]

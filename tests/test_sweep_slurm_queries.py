@@ -87,11 +87,18 @@ def test_reservations_read_as_scontrol_prints_them(monkeypatch):
         "Duration=01:30:00 Nodes=alpha3 NodeCnt=1 State=ACTIVE\n"
     )
     monkeypatch.setattr(sq, "run", lambda argv: out)
-    # An hour's limit fits before maintenance, not the course, which is on now
+    # An hour's limit started now fits before maintenance (not a second later), not the
+    # course, which is on now
     assert sq.reserved_nodes({"time": 60}, now=now) == {
-        "alpha1": None, "alpha2": None, "alpha3": now + 1800}  # fmt: skip
+        "alpha1": [now, now + 4 * 3600], "alpha2": [now, now + 4 * 3600],
+        "alpha3": [now - 2 * 3600, now + 1800]}  # fmt: skip
     # Two hours' does not: kept off until maintenance ends
-    assert sq.reserved_nodes({"time": 120}, now=now)["alpha1"] == now + 4 * 3600
+    assert sq.reserved_nodes({"time": 120}, now=now)["alpha1"] == [now - 3600, now + 4 * 3600]
+    # Two reservations that meet are one window; the next one apart is not yet read
+    assert sq.kept_nodes([(10, 20, ["a"]), (20, 30, ["a"]), (90, 99, ["a"])], now=0,
+                         limit_s=5) == {"a": [5, 30]}  # fmt: skip
+    assert sq.kept_nodes([(10, 20, ["a"]), (90, 99, ["a"])], now=25, limit_s=5) == {
+        "a": [85, 99]}  # fmt: skip
     monkeypatch.setattr(sq, "run", lambda argv: "No reservations in the system\n")
     assert sq.reserved_nodes({"time": 60}) == {}
 

@@ -61,9 +61,9 @@ class Backend(Protocol):
     def estimate_start(self, params: dict) -> float | None:
         """When Slurm would start a job of these sbatch parameters submitted now (epoch)."""
 
-    def reserved_nodes(self, params: dict) -> dict[str, float | None]:
-        """The nodes a reservation covers: name -> until when a job of these sbatch parameters
-        submitted now cannot use it (epoch), None where it ends before the reservation begins."""
+    def reserved_nodes(self, params: dict) -> dict[str, list[float]]:
+        """The nodes a reservation covers, now or later: name -> [from, until], when a job of
+        these sbatch parameters cannot start on it (epoch): its limit would run into it."""
 
     def others_time_used(self, partition: str | None) -> float | None:
         """The median share of their time limit other users' jobs that ended there lately used

@@ -233,9 +233,12 @@ class Forecaster:
         if headroom is not None:  # the user's other jobs there hand on their slots too
             frees += [max(end - now, 0.0) for end in (self.c.links[name].usage or {}).get(
                 "ends", [])]  # fmt: skip
+        blackout = self.held_room.blackout(name)
+        if blackout is not None:
+            blackout = (blackout[0] - now, blackout[1] - now)
         return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees,
-                          pending_s=pending, headroom=headroom,
-                          capacity=self._capacity(name))  # fmt: skip
+                          pending_s=pending, headroom=headroom, capacity=self._capacity(name),
+                          blackout=blackout)  # fmt: skip
 
     def _capacity(self, name: str) -> int:
         """How many jobs of the sweep's shape the whole cluster runs at once."""

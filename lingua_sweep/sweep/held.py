@@ -27,9 +27,9 @@ class HeldRoom:
         self.c = controller
         # cluster -> Slurm's start for a job there although sinfo showed idle nodes when asked
         self.by_test_only: dict[str, float] = {}
-        # cluster -> the nodes reservations cover there: until when they keep a job of ours
-        # submitted now (epoch), None where it fits before them
-        self.reserved: dict[str, dict[str, float | None]] = {}
+        # cluster -> the nodes reservations cover there: [from, until] (epoch), when a job of
+        # ours cannot start on them (its time limit would run into the reservation)
+        self.reserved: dict[str, dict[str, list[float]]] = {}
         self.told: dict[str, float] = {}  # cluster -> the reservation's end last logged
 
     def read_reservations(self, name: str, backend, params: dict) -> None:
@@ -39,7 +39,8 @@ class HeldRoom:
             log.debug("cluster %s: no reservations read (%s)", name, e)
             self.reserved.pop(name, None)
             return
-        kept = [until for until in reserved.values() if until is not None]
+        now = clock.now()
+        kept = [until for start, until in reserved.values() if start < now < until]
         if kept and max(kept) != self.told.get(name):
             self.told[name] = max(kept)
             log.info("cluster %s: a reservation keeps %d of its nodes from a job submitted now "
@@ -70,12 +71,27 @@ class HeldRoom:
         if not names & reserved.keys():
             return None
         now = clock.now()
-        kept = {node: until for node, until in reserved.items()
-                if node in names and until is not None and until > now}  # fmt: skip
+        kept = {node: until for node, (start, until) in reserved.items()
+                if node in names and start < now < until}  # fmt: skip
         left = replace(status, nodes=[replace(n, free_cpus=0, free_gpus=0) if n.name in kept
                                       else n for n in status.nodes])  # fmt: skip
         free = room(left, link.config, job_shape(link.config, self.c.p))
         return free, min(kept.values(), default=None)
+
+    def blackout(self, name: str) -> tuple[float, float] | None:
+        """(from, until) (epoch), when reservations keep a job of ours off every node of the
+        cluster: a turn of ours that comes then comes at `until` (a job placed for its turn
+        behind our own limit there an hour before a maintenance waited out the maintenance).
+        None where some node stays open, or nothing is known."""
+        reserved = self.reserved.get(name)
+        status = self.c.links[name].status if reserved else None
+        if not reserved or status is None or not status.nodes:
+            return None
+        windows = [reserved.get(node.name) for node in status.nodes]
+        if any(w is None for w in windows):
+            return None
+        start, until = max(w[0] for w in windows), min(w[1] for w in windows)
+        return (start, until) if start < until and until > clock.now() else None
 
     def usable_room(self, name: str, sinfo_room: int) -> int:
         """The room sinfo shows there (within the user's limits), less what Slurm holds."""

@@ -172,6 +172,9 @@ class Outlook:
     # drains, `capacity` such jobs at a time.
     headroom: int | None = None
     capacity: int = 1
+    # (from, until): when reservations keep a job of ours off every node there; a slot that
+    # opens then opens at `until`.
+    blackout: tuple[float, float] | None = None
 
     @property
     def limited(self) -> bool:
@@ -197,6 +200,7 @@ class Plan:
         self.order = [o.name for o in outlooks]
         self.limited = {o.name: o.limited for o in outlooks}
         self.run = {o.name: o.run_s for o in outlooks}
+        self.blackout = {o.name: o.blackout for o in outlooks}
         known = [r for r in self.run.values() if r is not None]
         # A cluster with no speed known at all is taken to be as slow as the slowest known one;
         # with none known anywhere, jobs compare by start alone.
@@ -221,23 +225,29 @@ class Plan:
                 if o.headroom is not None:  # no more than our limit lets run
                     more = min(more, max(o.headroom - o.room, 0))
                 slots += [(first + k * gap, False) for k in range(more)]
+            slots = [(self._clear(o.name, t), own) for t, own in slots]
             heapq.heapify(slots)
             self.slots[o.name] = slots
             starts = self.pending_starts[o.name] = []
             for start in o.pending_s:
-                if start is not None and not o.limited:
-                    starts.append(max(start, 0.0))  # Slurm's estimate of a new job counts it
-                elif start is not None:  # it holds one of our limit's slots, then hands it on
-                    starts.append(max(start, 0.0))
-                    if slots:
-                        heapq.heappop(slots)
-                    run = self._run(o.name)
-                    heapq.heappush(slots, (math.inf if run is None else starts[-1] + run, True))
+                if start is not None:  # Slurm's (its estimate of a new job counts this one)
+                    starts.append(self._clear(o.name, max(start, 0.0)))
+                    if o.limited:  # it holds one of our limit's slots, then hands it on
+                        if slots:
+                            heapq.heappop(slots)
+                        run = self._run(o.name)
+                        end = math.inf if run is None else self._clear(o.name, starts[-1] + run)
+                        heapq.heappush(slots, (end, True))
                 elif slots:  # behind our own limit (or its turn in the queue): the next slot
                     starts.append(slots[0][0])
                     self.take(o.name)
                 else:
                     starts.append(math.inf)
+
+    def _clear(self, name: str, t: float) -> float:
+        """When a slot that opens at t can take a job of ours: after a reservation it falls in."""
+        window = self.blackout[name]
+        return window[1] if window is not None and window[0] < t < window[1] else t
 
     def _run(self, name: str) -> float | None:
         run = self.run[name]
@@ -264,7 +274,7 @@ class Plan:
         if self.limited[name] or (start == 0.0 and run is None):
             # Our own slot: it passes to our next job when this one ends (at an unknown time
             # when nobody knows its run time). Elsewhere the cluster's turnover is the slots.
-            end = math.inf if run is None else start + run
+            end = math.inf if run is None else self._clear(name, start + run)
             heapq.heappush(self.slots[name], (end, self.limited[name]))
 
 

@@ -99,7 +99,7 @@ class SimBackend:
     def estimate_start(self, params: dict) -> float | None:
         return self.sim.estimate(params)
 
-    def reserved_nodes(self, params: dict) -> dict[str, float | None]:
+    def reserved_nodes(self, params: dict) -> dict[str, list[float]]:
         return self.sim.reserved_nodes(params)
 
     def others_time_used(self, partition: str | None) -> float | None:

@@ -66,13 +66,13 @@ def test_only_start(cluster, new) -> float | None:
     return _epoch(cluster, now, start[new.id]) if new.id in start else None
 
 
-def reserved_nodes(cluster, limit: float) -> dict[str, float | None]:
-    """The nodes a reservation covers, now or later: sinfo's name -> until when a job of this
-    time limit submitted now cannot use it (wall-clock epoch), None where it fits before."""
+def reserved_nodes(cluster, limit: float) -> dict[str, list[float]]:
+    """The nodes a reservation covers, now or later: sinfo's name -> [from, until], when a job
+    of this time limit cannot start on it (wall-clock epoch)."""
     now = cluster.now()
     kept = kept_nodes([(start, end, [cluster.node_name(n) for n in nodes])
                        for start, end, nodes in cluster.reservations], now, limit)  # fmt: skip
-    return {node: None if end is None else _epoch(cluster, now, end) for node, end in kept.items()}
+    return {node: [_epoch(cluster, now, t) for t in window] for node, window in kept.items()}
 
 
 def _pending(cluster) -> list:

@@ -345,7 +345,7 @@ class SimCluster:
                            time_limit=(params.get("time") or math.inf) * 60)  # fmt: skip
             return sim_estimates.test_only_start(self, probe)
 
-    def reserved_nodes(self, params: dict) -> dict[str, float | None]:
+    def reserved_nodes(self, params: dict) -> dict[str, list[float]]:
         """scontrol show reservation, for a job of these sbatch parameters (sim_estimates)."""
         with self._counted("reservations"), self.lock:
             self.advance()

@@ -267,12 +267,12 @@ def parse_reservations(out: str) -> list[dict[str, Any]]:
     return found
 
 
-def reserved_nodes(params: dict[str, Any], now: float | None = None) -> dict[str, float | None]:
-    """The nodes a reservation covers, now or later (`scontrol show reservation`): name -> until
-    when a job of these sbatch parameters submitted now cannot use it (epoch), or None where its
-    time limit ends before the reservation begins. (`sbatch --test-only` cannot tell those
-    apart: on the testbed it told a 5-minute job 60 minutes, a pending job's limit held by a
-    maintenance reservation, and Slurm started one like it at once.)"""
+def reserved_nodes(params: dict[str, Any], now: float | None = None) -> dict[str, list[float]]:
+    """The nodes a reservation covers, now or later (`scontrol show reservation`): name ->
+    [from, until], when a job of these sbatch parameters cannot start on it (epoch): its time
+    limit would run into the reservation. (`sbatch --test-only` cannot tell those apart: on the
+    testbed it told a 5-minute job 60 minutes, a pending job's limit held by a maintenance
+    reservation, and Slurm started one like it at once.)"""
     found = parse_reservations(run(["scontrol", "show", "reservation", "-o"]))
     limit_s = float(params.get("time") or DEFAULT_TIME_MIN) * 60
     return kept_nodes([(r["start"], r["end"], r["nodes"]) for r in found],
@@ -281,17 +281,24 @@ def reserved_nodes(params: dict[str, Any], now: float | None = None) -> dict[str
 
 def kept_nodes(
     reservations: list[tuple[float, float, list[str]]], now: float, limit_s: float
-) -> dict[str, float | None]:
-    """(start, end, nodes) reservations -> each node they cover, now or later: until when they
-    keep a job of this time limit started now off it, None where it ends before they begin.
-    Times in any one clock (the simulator's is its own)."""
-    out: dict[str, float | None] = {}
+) -> dict[str, list[float]]:
+    """(start, end, nodes) reservations -> each node they cover, now or later: [from, until],
+    when a job of this time limit cannot start on it (from = the reservation's start less the
+    limit), windows that meet merged. Times in any one clock (the simulator's is its own)."""
+    windows: dict[str, list[list[float]]] = {}
     for start, end, nodes in reservations:
-        if end <= now:
-            continue
-        for node in nodes:
-            if start < now + limit_s:
-                out[node] = max(out.get(node) or 0.0, end)
+        if end > now:
+            for node in nodes:
+                windows.setdefault(node, []).append([start - limit_s, end])
+    out = {}
+    for node, spans in windows.items():
+        spans.sort()
+        merged = [spans[0]]
+        for span in spans[1:]:
+            if span[0] <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], span[1])
             else:
-                out.setdefault(node, None)
+                merged.append(span)
+        # The first window not yet over: the one a job placed now can meet.
+        out[node] = next(w for w in merged if w[1] > now)
     return out
