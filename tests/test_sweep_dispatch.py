@@ -161,7 +161,7 @@ def test_new_room_goes_to_the_jobs_waiting_here_before_a_pending_job_moves_into_
                        submitted_at=now - 700, reason="Priority")  # fmt: skip
     slurm_cluster = SimpleNamespace(slurm=True)
 
-    def moved(*waiting_here: JobEntry) -> list[tuple[int, str]]:
+    def moved(*waiting_here: JobEntry, held: str | None = None) -> list[tuple[int, str]]:
         c = SimpleNamespace(
             p=LauncherParams(placement="priority", max_pending_s=600), composer=object(),
             registry={"a": slurm_cluster, "b": slurm_cluster, "c": slurm_cluster},
@@ -172,8 +172,9 @@ def test_new_room_goes_to_the_jobs_waiting_here_before_a_pending_job_moves_into_
         d = dispatch.Dispatcher(c)
         d.probe = lambda: None
         # b's room as counted (ours bound for it, a job moved there, left out already)
-        d.rooms = lambda: {"a": 0, "b": 1, "c": 0}
-        d.forecaster.usable = lambda rooms: rooms
+        d.rooms = lambda: {"a": 0, "b": 1, "c": 0} if held is None else {"a": 0, "b": 1, "c": 1}
+        # room Slurm holds on `held` (a reservation's idle nodes): none
+        d.forecaster.usable = lambda rooms: {n: 0 if n == held else r for n, r in rooms.items()}
         out = []
         d._move = lambda job, target, note: out.append((job.index, target))
         d.move_long_pending()
@@ -186,6 +187,10 @@ def test_new_room_goes_to_the_jobs_waiting_here_before_a_pending_job_moves_into_
     assert moved() == [(5, "b")]
     assert moved(waiting(2)) == [] and moved(waiting(7)) == []
     assert moved(waiting(2, target="b")) == [(5, "b")]  # bound for b: in b's count already
+    # b's idle nodes are held (a reservation): the job waiting here takes c's room, and #5
+    # stays where it is
+    assert moved(held="b") == [(5, "c")]
+    assert moved(waiting(2), held="b") == []
 
 
 def app_sweep_cmd(testbed, sweep_dir, *args):

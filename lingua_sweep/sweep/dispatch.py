@@ -154,8 +154,9 @@ class Dispatcher:
     def rooms_for_moves(self) -> dict[str, int]:
         """The rooms a pending job may move into: what the jobs still waiting here leave, in
         the clusters' order. They take room first, at the next dispatch (a job moved into a
-        slot that one of them took waited a whole run behind it)."""
-        rooms = self.rooms()
+        slot that one of them took waited a whole run behind it), and only room Slurm does not
+        hold (a reservation's idle nodes took none of them)."""
+        rooms = self.forecaster.usable(self.rooms())
         held = sum(1 for j in self.c.jobs(QUEUED) if j.target not in self.c.links)
         for name in rooms:
             taken = min(held, max(rooms[name], 0))
@@ -292,7 +293,7 @@ class Dispatcher:
         if not stuck:
             return
         self.probe()
-        rooms = self.forecaster.usable(self.rooms_for_moves())
+        rooms = self.rooms_for_moves()
         for job in stuck:
             others = {n: r for n, r in rooms.items() if n != job.cluster and c.registry[n].slurm}
             waited = math.inf if not_soon(job.reason) else now - job.submitted_at
