@@ -636,3 +636,45 @@ def test_a_turn_of_ours_that_a_reservation_covers_opens_when_the_reservation_end
     # Our job pending there under our limit holds the turn after it, which also waits it out
     a.pending_s, a.frees_s = [300.0], []
     assert pl.Plan([a, b]).slots["a"] == [(7800.0, True)]
+
+
+def test_a_turn_of_ours_on_a_full_cluster_is_a_queue_place_to_take_not_a_turn_to_wait_for():
+    """Our limit on `a` is full; our job there ends in 300 s. With idle nodes there (our limit
+    binds), its slot passes to our next job: that job waits here and is placed afresh then.
+    With none, the node goes to the first in the queue: a job held here for that turn lost it
+    to another user's job queued there, so it queues there now."""
+    a = outlook("a", run=700, frees=[300], headroom=0)
+    b = outlook("b", start=2000, run=700)
+    choice = pl.Plan([a, b]).best()
+    assert choice.cluster == "a" and choice.own_turn
+    a.full = True
+    choice = pl.Plan([a, b]).best()
+    assert choice.cluster == "a" and choice.start_s == 300 and not choice.own_turn
+    plan = pl.Plan([a, b])
+    plan.take("a")  # and so does the turn after it
+    assert plan.slots["a"] == [(1000.0, False)]
+
+
+def test_a_cluster_is_full_where_sinfo_shows_no_idle_node_a_job_of_ours_could_take():
+    from lingua_sweep.clusters import ClusterStatus, NodeRoom
+    from lingua_sweep.sweep.limits import Headroom
+    from lingua_sweep.sweep.params import LauncherParams
+
+    def full(*gpus_free: int) -> bool:
+        nodes = [NodeRoom(name=f"n{k}", state="mixed", free_cpus=64, free_gpus=g)
+                 for k, g in enumerate(gpus_free)]  # fmt: skip
+        status = ClusterStatus(name="a", state="busy", idle_nodes=0, total_nodes=len(nodes),
+                               reason=None, elapsed_s=0.0, nodes=nodes)  # fmt: skip
+        config = ClusterConfig(name="a", gpu_type="H100", gpus_per_node=8, data_root="/d",
+                               output_root="/o")  # fmt: skip
+        controller = SimpleNamespace(
+            p=LauncherParams(expected_run_s=700), configs={},
+            links={"a": SimpleNamespace(config=config, status=status, usage={})},
+            dispatcher=SimpleNamespace(headroom=lambda n: Headroom(start=0, submit=None)),
+            open_jobs=lambda: [], jobs=lambda state: [], watcher=SimpleNamespace(pending_seen={}),
+        )  # fmt: skip
+        # room 0: our limit there is full, whatever sinfo shows
+        return forecast.Forecaster(controller).outlook("a", 0, 1, time.time()).full
+
+    assert full(0, 4)  # no node with a whole job's 8 GPUs free
+    assert not full(0, 8)  # one: our limit binds, not the nodes

@@ -16,6 +16,7 @@ from lingua_sweep.sweep.held import HeldRoom
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.predictions import hhmm
 from lingua_sweep.sweep.shape import job_shape, sbatch_params
+from lingua_sweep.sweep.shape import room as shape_room
 from lingua_sweep.sweep.states import FINAL, first_in_line, set_start
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,16 @@ class Forecaster:
             blackout = (blackout[0] - now, blackout[1] - now)
         return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees,
                           pending_s=pending, headroom=headroom, capacity=self._capacity(name),
-                          blackout=blackout)  # fmt: skip
+                          blackout=blackout, full=room <= 0 and self._full(name))  # fmt: skip
+
+    def _full(self, name: str) -> bool:
+        """Whether sinfo showed no idle node there that a job of ours could take (beyond our
+        limit; nodes Slurm holds are none); not known: not full."""
+        link = self.c.links[name]
+        if link.status is None:
+            return False
+        shown = shape_room(link.status, link.config, job_shape(link.config, self.c.p))
+        return self.held_room.usable_room(name, shown) <= 0
 
     def _capacity(self, name: str) -> int:
         """How many jobs of the sweep's shape the whole cluster runs at once."""

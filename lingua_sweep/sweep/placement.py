@@ -175,6 +175,10 @@ class Outlook:
     # (from, until): when reservations keep a job of ours off every node there; a slot that
     # opens then opens at `until`.
     blackout: tuple[float, float] | None = None
+    # No idle node there that a job of ours could take: a node one of ours frees goes to the
+    # first in the queue, so a turn of ours under our limit is no turn to wait for here (a job
+    # held here for one lost it to another user's job queued there).
+    full: bool = False
 
     @property
     def limited(self) -> bool:
@@ -201,6 +205,8 @@ class Plan:
         self.limited = {o.name: o.limited for o in outlooks}
         self.run = {o.name: o.run_s for o in outlooks}
         self.blackout = {o.name: o.blackout for o in outlooks}
+        # cluster -> whether a slot of our own there passes to our next job waiting here
+        self.own = {o.name: o.limited and not o.full for o in outlooks}
         known = [r for r in self.run.values() if r is not None]
         # A cluster with no speed known at all is taken to be as slow as the slowest known one;
         # with none known anywhere, jobs compare by start alone.
@@ -210,7 +216,7 @@ class Plan:
         self.pending_starts: dict[str, list[float]] = {}  # cluster -> its waiting jobs' starts
         for o in outlooks:
             slots = [(0.0, False)] * max(o.room, 0)
-            slots += [(f, True) for f in o.frees_s] if o.limited else []
+            slots += [(f, self.own[o.name]) for f in o.frees_s] if o.limited else []
             # A saturated cluster frees one job-sized slot every run / capacity.
             gap = (self._run(o.name) or 0.0) / max(o.capacity, 1)
             more = n_jobs + len(o.pending_s)
@@ -237,7 +243,7 @@ class Plan:
                             heapq.heappop(slots)
                         run = self._run(o.name)
                         end = math.inf if run is None else self._clear(o.name, starts[-1] + run)
-                        heapq.heappush(slots, (end, True))
+                        heapq.heappush(slots, (end, self.own[o.name]))
                 elif slots:  # behind our own limit (or its turn in the queue): the next slot
                     starts.append(slots[0][0])
                     self.take(o.name)
@@ -275,7 +281,7 @@ class Plan:
             # Our own slot: it passes to our next job when this one ends (at an unknown time
             # when nobody knows its run time). Elsewhere the cluster's turnover is the slots.
             end = math.inf if run is None else self._clear(name, start + run)
-            heapq.heappush(self.slots[name], (end, self.limited[name]))
+            heapq.heappush(self.slots[name], (end, self.own[name]))
 
 
 def place(plan: Plan, allowed: Sequence[Iterable[str] | None]) -> list[Choice]:
