@@ -678,3 +678,21 @@ def test_a_cluster_is_full_where_sinfo_shows_no_idle_node_a_job_of_ours_could_ta
 
     assert full(0, 4)  # no node with a whole job's 8 GPUs free
     assert not full(0, 8)  # one: our limit binds, not the nodes
+
+
+def test_a_job_slurm_stops_giving_a_start_forgets_the_one_it_had():
+    """Held by our own limit, a pending job gets no `squeue --start` (N/A): its turn is one of
+    our jobs' ends, not the estimate of hours it had before (on which the safety net moved a
+    job whose turn came in 135 s to a slower cluster, and it finished last)."""
+    now = time.time()
+    job = JobEntry(index=3, overrides=[], config_hash="x", state="PENDING", cluster="a",
+                   reason="Priority")  # fmt: skip
+    recorded = []
+    controller = SimpleNamespace(record=lambda kind, **fields: recorded.append(kind),
+                                 watcher=SimpleNamespace(pending_seen={3: now}))  # fmt: skip
+    f = forecast.Forecaster(controller)
+    f.note_pending(job, now + 5 * 3600)
+    assert f.pending_start(job) == pytest.approx(now + 5 * 3600, abs=1) and recorded
+    job.reason = "QOSMaxJobsPerUserLimit"
+    f.note_pending(job, None)
+    assert f.pending_start(job) is None

@@ -417,8 +417,14 @@ class Forecaster:
         finish_here = starts[job.index] + run_here
         return finish_here - run_there < max(pl.MOVE_GAIN * finish_here, 2 * self.c.p.probe_every_s)
 
-    def note_pending(self, job: JobEntry, slurm_start: float) -> None:
-        """A poll's `squeue --start` for a pending job; journaled when it moved noticeably."""
+    def note_pending(self, job: JobEntry, slurm_start: float | None) -> None:
+        """A poll's `squeue --start` for a pending job; journaled when it moved noticeably.
+        None: Slurm gives it none now (held by our own limit: its turn is one of our jobs'
+        ends, not the estimate it had before; the safety net moved a job whose turn came in
+        135 s on an estimate of hours)."""
+        if not slurm_start:
+            self.slurm_start.pop(job.index, None)
+            return
         self.slurm_start[job.index] = (job.cluster, slurm_start)
         self.first_estimate.setdefault(job.index, (job.cluster, clock.now(), slurm_start))
         last = (job.forecast or {}).get("slurm_start")

@@ -156,8 +156,8 @@ class Watcher:
             # Held after a requeue: it never starts alone. Cancelled, then submitted again.
             c.record("stop", index=job.index, cluster=job.cluster, job_id=job.job_id,
                      status="RESUBMIT", note=f"held by Slurm ({reason or state})")  # fmt: skip
-        if state == "PENDING" and info.get("start") and c.p.placement == "time_to_result":
-            c.dispatcher.forecaster.note_pending(c.state.jobs[job.index], info["start"])
+        if state == "PENDING" and c.p.placement == "time_to_result":
+            c.dispatcher.forecaster.note_pending(c.state.jobs[job.index], info.get("start"))
         piece = reply["files"].get(c.metrics_path(job))
         if piece is not None:
             c.tails.setdefault(job.index, Tail()).feed(piece)
