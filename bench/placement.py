@@ -42,6 +42,7 @@ it on the real clock instead, N simulated seconds per second (the rounds before 
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -58,8 +59,12 @@ sys.path.insert(0, str(REPO))
 from lingua_sweep.gpus import gpu_spec  # noqa: E402
 from lingua_sweep.sweep import predictions  # noqa: E402
 from lingua_sweep.sweep.journal import Journal  # noqa: E402
+from lingua_sweep.sweep.sim_jobs import SimJob  # noqa: E402
+from lingua_sweep.sweep.simulator import SimCluster, SimSpec  # noqa: E402
 
 H100_RUN_S = 700.0
+WARMUP_S = 7200.0  # the other users' trace runs this long before the sweep arrives
+TIMEOUT_MIN = 60  # our jobs' time limit
 SHAPES = {  # name: (priority, gpu type, run-time factor, nodes, others' load, our job limit)
     # Large shared clusters where a per-user limit (the spec's max nodes) binds first.
     "limits": {
@@ -94,6 +99,25 @@ POLICIES = {
 GPUS = 8
 
 
+def sim_spec(shape: str, name: str, seed: int, speed: float) -> dict:
+    """The simulated cluster `name` of a shape, with the other users' trace of a seed."""
+    k = list(SHAPES[shape]).index(name)
+    _, _, factor, nodes, load, limit = SHAPES[shape][name]
+    spec = {"nodes": nodes, "gpus_per_node": GPUS, "cpus_per_node": 64,
+            "duration_s": H100_RUN_S * factor, "duration_sigma": 0.1,
+            "background_load": load, "background_gpus": GPUS,
+            "background_duration_s": 1800.0, "background_limit_factor": 3.0,
+            "warmup_s": WARMUP_S, "max_jobs": limit, "speed": speed or 1.0,
+            "seed": 1000 * seed + k}  # fmt: skip
+    if not speed:
+        spec["clock"] = "virtual"
+    if MAINTENANCE.get(shape, (None,))[0] == name:
+        _, (earliest, latest), duration = MAINTENANCE[shape]
+        start = random.Random(seed).uniform(earliest, latest)
+        spec["reservations"] = [{"start_s": start, "duration_s": duration}]
+    return spec
+
+
 def write_clusters(conf: Path, root: Path, seed: int, speed: float, shape: str) -> None:
     """speed 0: virtual time (the launcher's clock is the simulation's); else simulated
     seconds per real second."""
@@ -102,19 +126,8 @@ def write_clusters(conf: Path, root: Path, seed: int, speed: float, shape: str) 
     data.mkdir(parents=True, exist_ok=True)
     for name in ("fineweb_edu_10bt.chunk.00.jsonl", "fineweb_edu_10bt.val.jsonl"):
         (data / name).write_text('{"text": "a simulated job reads nothing"}\n')
-    for k, (name, (prio, gpu, factor, nodes, load, limit)) in enumerate(SHAPES[shape].items()):
-        spec = {"nodes": nodes, "gpus_per_node": GPUS, "cpus_per_node": 64,
-                "duration_s": H100_RUN_S * factor, "duration_sigma": 0.1,
-                "background_load": load, "background_gpus": GPUS,
-                "background_duration_s": 1800.0, "background_limit_factor": 3.0,
-                "warmup_s": 7200.0, "max_jobs": limit, "speed": speed or 1.0,
-                "seed": 1000 * seed + k}  # fmt: skip
-        if not speed:
-            spec["clock"] = "virtual"
-        if MAINTENANCE.get(shape, (None,))[0] == name:
-            _, (earliest, latest), duration = MAINTENANCE[shape]
-            start = random.Random(seed).uniform(earliest, latest)
-            spec["reservations"] = [{"start_s": start, "duration_s": duration}]
+    for name, (prio, gpu, _, nodes, _, _) in SHAPES[shape].items():
+        spec = sim_spec(shape, name, seed, speed)
         # What the trainer achieves there, in simulated time per second of the launcher's clock.
         flops = gpu_spec(gpu).model_flops_per_s * (speed or 1.0)
         cluster = {"name": name, "provider": "simulated", "gpus_per_node": GPUS,
@@ -140,7 +153,7 @@ def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path, shape
            f"hydra.launcher.clusters=[{','.join(SHAPES[shape])}]",
            f"hydra.launcher.poll_interval_s={5 / scale}",
            f"hydra.launcher.probe_every_s={30 / scale}", "hydra.launcher.live=false",
-           "hydra.launcher.timeout_min=60", "logging.wandb=null",
+           f"hydra.launcher.timeout_min={TIMEOUT_MIN}", "logging.wandb=null",
            f"hydra.searchpath=[file://{conf}]", f"hydra.sweep.dir={sweep}", *extra]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
     if proc.returncode not in (0, 1):
@@ -177,6 +190,37 @@ def run_policy(policy: str, seed: int, jobs: int, speed: float, tmp: Path, shape
     }  # fmt: skip
 
 
+def clairvoyant(shape: str, seed: int, jobs: int) -> tuple[float, dict[str, int]]:
+    """A reference, not a policy: every job queued where it was sent 10 s into the sweep (when
+    the launcher's first placement lands), how many on each cluster chosen knowing the other
+    users' whole trace there (each of their jobs' arrival and run time), ours at their mean run
+    time. The makespan of the best such split, and the split. A policy that moves jobs as nodes
+    free may beat it; one that does not know the future rarely comes near it.
+
+    With same-sized jobs started first-fit in queue order, a job of ours never waits for one
+    queued behind it: one run per cluster with every job queued gives when its first k end."""
+    ends: dict[str, list[float]] = {}
+    for name, (_, _, factor, *_) in SHAPES[shape].items():
+        spec = {k: v for k, v in sim_spec(shape, name, seed, 0.0).items() if k != "clock"}
+        cluster, t = SimCluster(name, SimSpec(**spec)), WARMUP_S + 10.0
+        cluster.advance(t)
+        ours = [SimJob(id=f"ours{k}", name="x", user="me", gpus=GPUS, cpus=1, nodes=1,
+                       duration=H100_RUN_S * factor, submitted=0.0,
+                       time_limit=TIMEOUT_MIN * 60.0) for k in range(jobs)]  # fmt: skip
+        for job in ours:
+            cluster.enqueue(job)
+        while any(job.end is None for job in ours) and t < WARMUP_S + 86400:
+            t += 5.0
+            cluster.advance(t)
+        done = [math.inf if job.end is None else job.end - WARMUP_S for job in ours]
+        ends[name] = [0.0] + [max(done[: k + 1]) for k in range(jobs)]
+    for makespan in sorted({e for row in ends.values() for e in row}):
+        split = {n: max(k for k, e in enumerate(row) if e <= makespan) for n, row in ends.items()}
+        if sum(split.values()) >= jobs:
+            return makespan, split
+    return math.inf, {}
+
+
 def makespan_bound(shape: str, jobs: int) -> float:
     """The sweep's makespan were the clusters ours alone: every node free at the start, our
     limits kept, each job at its mean run time, each taking the slot that finishes it first.
@@ -197,7 +241,7 @@ def mean(rows: list[dict], key: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], foresight: float) -> str:
     lines = ["| policy | makespan s | mean JCT s | GPU-hours | moves/job | start error s "
              "(Slurm's) | jobs per cluster |", "|" + "---|" * 7]  # fmt: skip
     base = {}
@@ -222,8 +266,10 @@ def table(rows: list[dict]) -> str:
     if None in (ttr, base.get("priority-first-idle"), base.get("dispatcher")):
         return "\n".join(lines)
     lines.append("")
-    lines.append(f"time-to-result makespan: {ttr / base['priority-first-idle']:.2f}x "
-                 f"priority-first-idle, {ttr / base['dispatcher']:.2f}x dispatcher")  # fmt: skip
+    lines.append(f"time-to-result makespan: {ttr / base['priority-first-idle']:.3f}x "
+                 f"priority-first-idle, {ttr / base['dispatcher']:.3f}x dispatcher; the "
+                 f"clairvoyant split is {foresight / base['dispatcher']:.3f}x the dispatcher, "
+                 f"time-to-result {ttr / foresight:.3f}x the clairvoyant split")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -256,8 +302,12 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             rows = list(pool.map(run, runs))
     bound = makespan_bound(args.shape, args.jobs)
+    seeds = sorted({seed for _, seed in runs})
+    foresight = statistics.mean(clairvoyant(args.shape, seed, args.jobs)[0] for seed in seeds)
     text = (f"shape: {args.shape}, {args.jobs} jobs, seeds {args.seeds}; makespan were the "
-            f"clusters ours alone: {bound:.0f} s\n\n" + table(rows))  # fmt: skip
+            f"clusters ours alone: {bound:.0f} s; of the best split made knowing the other "
+            f"users' traces (clairvoyant, mean): {foresight:.0f} s\n\n"
+            + table(rows, foresight))  # fmt: skip
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -277,7 +277,7 @@ def test_slurm_estimates_assume_every_job_runs_to_its_limit():
     with sim.lock:
         busy = SimJob(id="1", name="other", user="other", gpus=8, cpus=1, nodes=1,
                       duration=5.0, submitted=0.0, time_limit=3600.0)  # fmt: skip
-        sim._enqueue(busy)
+        sim.enqueue(busy)
         sim.advance()
     start = sim.estimate({"nodes": 1, "gpus_per_node": 8, "time": 10})
     assert start == pytest.approx(time.time() + 3600, abs=5)  # it ends in 5 s

@@ -165,7 +165,7 @@ class SimCluster:
             job = SimJob(id=str(next(self.next_id)), name="background", user="other", gpus=gpus,
                          cpus=1, nodes=1, submitted=clock.monotonic(), duration=duration,
                          time_limit=limit)  # fmt: skip
-            self._enqueue(job)
+            self.enqueue(job)
             self.next_background += self.background_rng.expovariate(rate)
 
     def _start(self, now: float) -> None:
@@ -205,7 +205,7 @@ class SimCluster:
             self.queue = [i for i in self.queue if i not in gone]
         self.max_running = max(self.max_running, self.running_mine)
 
-    def _enqueue(self, job: SimJob) -> None:
+    def enqueue(self, job: SimJob) -> None:
         self.jobs[job.id] = job
         self.queue.append(job.id)
         self.active.add(job.id)
@@ -244,7 +244,7 @@ class SimCluster:
                                  overrides=list(config.task))  # fmt: skip
                     if job.duration > limit:
                         job.end_as = "TIMEOUT"
-                    self._enqueue(job)
+                    self.enqueue(job)
                 self.advance()
         if self.spec.submit_latency_s:
             clock.sleep(self.spec.submit_latency_s)
