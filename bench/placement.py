@@ -33,7 +33,10 @@ limit, so Slurm's estimates are late, as on a real cluster. Policies:
 Prints per policy, mean over seeds: makespan, mean job completion time, GPU-hours used, moves
 per job; for time-to-result, the median start-prediction error against Slurm's own estimate's
 (jobs placed into a queue; Slurm's is its first `squeue --start` for the job, else the
-`sbatch --test-only` answer the placement saw). All times in simulated seconds.
+`sbatch --test-only` answer the placement saw). All times in simulated seconds. Two references,
+neither a policy: the makespan were the clusters ours alone (no policy beats it), and that of the
+best split of the jobs over the clusters made knowing the other users' whole traces
+(`clairvoyant`: a policy that does not know the future rarely comes near it).
 
 The launcher runs on virtual time (`simulated.clock: virtual`): a run repeats itself exactly and
 takes seconds of CPU, so `--parallel` beyond the machine's cores buys nothing. `--speed N` runs
