@@ -174,7 +174,9 @@ def test_new_room_goes_to_the_jobs_waiting_here_before_a_pending_job_moves_into_
         # b's room as counted (ours bound for it, a job moved there, left out already)
         d.rooms = lambda: {"a": 0, "b": 1, "c": 0} if held is None else {"a": 0, "b": 1, "c": 1}
         # room Slurm holds on `held` (a reservation's idle nodes): none
-        d.forecaster.usable = lambda rooms: {n: 0 if n == held else r for n, r in rooms.items()}
+        d.forecaster.slurm.usable = lambda rooms: {
+            n: 0 if n == held else r for n, r in rooms.items()
+        }
         out = []
         d._move = lambda job, target, note: out.append((job.index, target))
         d.move_long_pending()

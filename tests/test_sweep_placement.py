@@ -183,22 +183,22 @@ def test_a_hung_sacct_holds_the_first_placement_only_to_the_probes_timeout():
             answered.wait(30)
             return 0.2
 
-    f.in_flight["a"] = threading.Event()
+    f.slurm.in_flight["a"] = threading.Event()
     link = SimpleNamespace(backend=Login())
-    threading.Thread(target=f._estimate, args=("a", link, {"partition": "batch"}),
+    threading.Thread(target=f.slurm._estimate, args=("a", link, {"partition": "batch"}),
                      daemon=True).start()  # fmt: skip
     began = time.monotonic()
-    f.await_first(["a"], timeout_s=0.5)
+    f.slurm.await_first(["a"], timeout_s=0.5)
     assert 0.4 <= time.monotonic() - began < 3
-    assert f.estimates["a"][0] is not None and not f.observed.prior  # Slurm's word, as it is
+    assert f.slurm.estimates["a"][0] is not None and not f.observed.prior  # Slurm's word, as it is
     answered.set()
     deadline = time.monotonic() + 10
-    while "a" in f.in_flight and time.monotonic() < deadline:
+    while "a" in f.slurm.in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
     assert f.observed.prior == {"a": 0.2}
-    f.in_flight["a"] = threading.Event()  # a later estimate in flight: no wait for it
+    f.slurm.in_flight["a"] = threading.Event()  # a later estimate in flight: no wait for it
     began = time.monotonic()
-    f.await_first(["a"], timeout_s=5)
+    f.slurm.await_first(["a"], timeout_s=5)
     assert time.monotonic() - began < 0.5
 
 
@@ -211,11 +211,11 @@ def test_a_hung_test_only_holds_one_placement_not_every_one():
         backend=SimpleNamespace(estimate_start=lambda params: released.wait(30) and None),
         quiet_since=lambda t: True,
     )
-    f.in_flight["b"] = threading.Event()
-    threading.Thread(target=f._estimate, args=("b", link, {}, 2), daemon=True).start()
+    f.slurm.in_flight["b"] = threading.Event()
+    threading.Thread(target=f.slurm._estimate, args=("b", link, {}, 2), daemon=True).start()
     for wait in (0.5, 0.0):
         began = time.monotonic()
-        f.await_first(["b"], timeout_s=0.5)
+        f.slurm.await_first(["b"], timeout_s=0.5)
         assert wait - 0.1 <= time.monotonic() - began < wait + 0.3
     released.set()
 
@@ -236,18 +236,18 @@ def test_room_is_held_only_on_an_answer_no_sbatch_of_ours_overlapped():
     f = forecast.Forecaster(SimpleNamespace())
 
     def answer(room: int) -> None:
-        f.in_flight["a"] = threading.Event()
-        f._estimate("a", link, {}, room)
+        f.slurm.in_flight["a"] = threading.Event()
+        f.slurm._estimate("a", link, {}, room)
 
     link.sbatch(lambda: answer(2))  # our array lands while Slurm is asked
-    assert f.usable({"a": 2}) == {"a": 2} and "a" not in f.estimates
+    assert f.slurm.usable({"a": 2}) == {"a": 2} and "a" not in f.slurm.estimates
     answer(2)
-    assert f.usable({"a": 2}) == {"a": 0} and f.slurm_next("a") == later[0]
+    assert f.slurm.usable({"a": 2}) == {"a": 0} and f.slurm.next_start("a") == later[0]
     later[0] = time.time()
     answer(2)
-    assert f.usable({"a": 2}) == {"a": 2}
+    assert f.slurm.usable({"a": 2}) == {"a": 2}
     answer(0)  # no room: an estimate for the next job beyond it
-    assert f.estimates["a"][0] == later[0]
+    assert f.slurm.estimates["a"][0] == later[0]
 
 
 def test_a_job_held_by_a_reservation_starts_when_slurm_says_unscaled():
@@ -553,7 +553,7 @@ def test_a_limit_full_of_the_users_jobs_is_a_turn_by_their_time_limits_not_unkno
         open_jobs=lambda: [ours], jobs=lambda state: [], watcher=SimpleNamespace(pending_seen={}),
     )  # fmt: skip
     f = forecast.Forecaster(controller)
-    f.estimates["beta"] = (now + 365 * 86400, now)
+    f.slurm.estimates["beta"] = (now + 365 * 86400, now)
     alpha = f.outlook("alpha", 0, 1, now)
     assert alpha.frees_s == pytest.approx([240 * 60 - 60, 3600], abs=1)
     plan = pl.Plan([alpha, f.outlook("beta", 0, 1, now)])

@@ -6,6 +6,8 @@ remote      ssh/rsync through one multiplexed connection per login node
 agent       what runs where a cluster's Slurm is: submit, query, read results, cancel
 backends    one protocol for a cluster: in-process (local Slurm, `local`) or over ssh
 dispatch    which queued job goes to which cluster now, and moving long-pending jobs
+forecast    time-to-result: each cluster's outlook, placements and moves (rule in placement)
+estimates   Slurm's word fetched in the background: --test-only, reservations, job history
 controller  the loop tying journal, backends and dispatch together
 monitor     the live view of a running sweep
 clock       the controller's clock: the wall clock, or virtual time on simulated clusters

@@ -156,7 +156,7 @@ class Dispatcher:
         the clusters' order. They take room first, at the next dispatch (a job moved into a
         slot that one of them took waited a whole run behind it), and only room Slurm does not
         hold (a reservation's idle nodes took none of them)."""
-        rooms = self.forecaster.usable(self.rooms())
+        rooms = self.forecaster.slurm.usable(self.rooms())
         held = sum(1 for j in self.c.jobs(QUEUED) if j.target not in self.c.links)
         for name in rooms:
             taken = min(held, max(rooms[name], 0))
@@ -238,7 +238,7 @@ class Dispatcher:
         caps = {n: self.headroom(n).submit for n in order}
         too_big = [getattr(c.configs.get(j.index), "too_big_for", None) or {} for j in queued]
         if c.p.placement == "time_to_result":
-            self.forecaster.ask(order, rooms)
+            self.forecaster.slurm.ask(order, rooms)
             targets = self.forecaster.place(queued, rooms, order, queue_on, too_big)
             targets = within_caps(targets, caps)
         else:

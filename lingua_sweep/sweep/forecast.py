@@ -1,47 +1,32 @@
-"""The dispatcher's eyes for time-to-result placement: Slurm's start estimates fetched in the
-background, what this sweep has seen (speeds, how late Slurm's estimates were), each cluster's
-outlook, the placements and moves that `placement` computes from them, and every prediction
-journaled (`forecast` records) beside what happened, so that `results` can score them
+"""The dispatcher's eyes for time-to-result placement: Slurm's start estimates (fetched by
+`estimates`) corrected by what this sweep has seen (speeds, how late Slurm's estimates were),
+each cluster's outlook, the placements and moves that `placement` computes from them, and every
+prediction journaled (`forecast` records) beside what happened, so that `results` can score them
 (`predictions`).
 """
 
-import logging
 import math
-import threading
 from typing import Any
 
 from lingua_sweep.sweep import clock
 from lingua_sweep.sweep import placement as pl
-from lingua_sweep.sweep.held import HeldRoom
+from lingua_sweep.sweep.estimates import Estimates
 from lingua_sweep.sweep.journal import SUBMITTING, JobEntry
 from lingua_sweep.sweep.predictions import hhmm
-from lingua_sweep.sweep.shape import job_shape, sbatch_params
+from lingua_sweep.sweep.shape import job_shape
 from lingua_sweep.sweep.shape import room as shape_room
 from lingua_sweep.sweep.states import FINAL, first_in_line, set_start
-
-log = logging.getLogger(__name__)
-TEST_ONLY_NAME = "lingua-sweep-test-only"
 
 
 class Forecaster:
     def __init__(self, controller):
         self.c = controller
-        # cluster -> (Slurm's start for a job submitted now, when asked), asked while it had
-        # no room (an answer for a cluster with room speaks of that room, not of the next job
-        # beyond it: a third job was queued on one into a cluster that two had just filled);
-        # refreshed each probe.
-        self.estimates: dict[str, tuple[float | None, float]] = {}
-        self.held_room = HeldRoom(controller)  # idle nodes Slurm holds
-        self.in_flight: dict[str, threading.Event] = {}  # set when its answer is in
-        self.history_asked: set[str] = set()  # clusters whose job history was asked for
-        self.awaited: set[str] = set()  # clusters whose first answer a placement waited for
-        self.asked: dict[str, float] = {}  # cluster -> when last asked (monotonic)
-        self.asked_with_room: dict[str, bool] = {}  # cluster -> whether it had room then
         # job index -> (cluster, its squeue --start there), latest poll
         self.slurm_start: dict[int, tuple[str, float]] = {}
         # job index -> (cluster, when, squeue --start) the first time Slurm gave one
         self.first_estimate: dict[int, tuple[str, float, float]] = {}
         self.observed = pl.Observed()
+        self.slurm = Estimates(controller, self.observed)  # Slurm's word, fetched in the background
         self._started_seen: set[int] = set()  # jobs whose start was observed
         self._done_seen: set[int] = set()  # jobs whose run time was observed
         self._ended_seen: set[int] = set()  # jobs whose end was observed
@@ -51,91 +36,7 @@ class Forecaster:
         self.placed: dict[int, dict[str, Any]] = {}  # job -> prediction, until it is submitted
         self.held: dict[int, float] = {}  # job waiting here -> the turn it was promised (epoch)
 
-    # --- Slurm's estimates ---------------------------------------------------------------------
-
-    def ask(self, names: list[str], rooms: dict[str, int]) -> None:
-        """`sbatch --test-only` on each cluster, those with room too (their idle nodes may be
-        held), on a daemon thread: neither the loop nor the launcher's exit waits on a hung
-        login node (each call has its deadline; a later probe asks again)."""
-        c = self.c
-        for name in names:
-            link = c.links[name]
-            if name in self.in_flight or not link.config.slurm or not link.available:
-                continue
-            room = rooms.get(name, 0)
-            # Once a probe; at once where room came or went since (an estimate from before a
-            # cluster had room is stale when it fills again).
-            if (clock.monotonic() - self.asked.get(name, -1e9) < c.p.probe_every_s
-                    and self.asked_with_room.get(name) == (room > 0)):  # fmt: skip
-                continue
-            self.asked[name], self.asked_with_room[name] = clock.monotonic(), room > 0
-            params = sbatch_params(link.config, c.p, TEST_ONLY_NAME)
-            self.in_flight[name] = threading.Event()
-            clock.start_thread(self._estimate, name, link, params, room, name=f"estimate-{name}")
-
-    def _estimate(self, name: str, link, params: dict[str, Any], room: int = 0) -> None:
-        asked, began, backend = clock.now(), clock.monotonic(), link.backend
-        try:
-            start = backend.estimate_start(params)
-        except Exception as e:  # noqa: BLE001 - an estimate is advice: without one, none
-            log.debug("cluster %s: no start estimate (%s)", name, e)
-            start = None
-        # Where an estimate is used (no room), with the cluster's job history: sacct over two
-        # days of a busy cluster is no call to make where it would not be used.
-        history = start is not None and room <= 0 and name not in self.history_asked
-        if history:  # the first placement waits for it (within the probe's timeout)
-            self.history_asked.add(name)
-        if room <= 0:
-            self.estimates[name] = (start, asked)  # in use at once, even while sacct is slow
-        else:
-            self.estimates.pop(name, None)  # from before it had room: stale when it fills
-        if room > 0:  # sinfo showed room: is Slurm keeping it for a reservation?
-            self.held_room.read_reservations(name, backend, params)
-        if room > 0 and link.quiet_since(began):
-            # sinfo showed room: the answer tells whether it is held. (An sbatch of ours landing
-            # meanwhile takes that room itself: then nothing is learnt.)
-            self.held_room.note_test_only(name, start, asked)
-        if history:
-            self._history(name, backend, params.get("partition"))
-        self.in_flight.pop(name).set()
-
-    def _history(self, name: str, backend, partition: str | None) -> None:
-        """How late Slurm's estimates there are before this sweep sees a start: how much of
-        their time limits other users' jobs used lately. (On Slurm's word alone, a sweep's
-        first placements saw research-secure 4,700 s away; it started our jobs at ~1,400 s.)"""
-        try:
-            used = backend.others_time_used(partition)
-        except Exception as e:  # noqa: BLE001 - advice too
-            log.debug("cluster %s: no job history (%s)", name, e)
-            return
-        if used is not None:
-            self.observed.prior[name] = used
-            log.info("cluster %s: other users' jobs used %.0f%% of their time limits lately; "
-                     "Slurm's start estimates there are scaled by that until this sweep sees "
-                     "starts", name, 100 * used)  # fmt: skip
-
-    def usable(self, rooms: dict[str, int]) -> dict[str, int]:
-        """The rooms sinfo shows, less what Slurm holds (the safety net moved four jobs into a
-        maintenance reservation's idle nodes)."""
-        return {n: self.held_room.usable_room(n, r) for n, r in rooms.items()}
-
-    def slurm_next(self, name: str) -> float | None:
-        """Slurm's start (epoch) for a job beyond the room sinfo shows there."""
-        if (until := self.held_room.until(name)) is not None:
-            return until
-        return self.estimates.get(name, (None,))[0]
-
-    def await_first(self, names: list[str], timeout_s: float) -> None:
-        """At a sweep's first placement, the estimates it needs, with the clusters' job
-        history (within the probe's timeout). Once per cluster: a hung login node must not
-        stall every later placement (alpha's results were journaled 33 s late while beta's
-        `--test-only` hung)."""
-        deadline = clock.monotonic() + timeout_s
-        for name in names:
-            event = self.in_flight.get(name)
-            if event is not None and name not in self.awaited:
-                self.awaited.add(name)
-                event.wait(max(deadline - clock.monotonic(), 0.0))
+    # --- Slurm's estimates, corrected ---------------------------------------------------------
 
     def corrected(self, cluster: str, start: float, asked: float) -> float:
         """Slurm's estimate made at `asked`, corrected by how late its estimates there were."""
@@ -204,13 +105,14 @@ class Forecaster:
         # Held to our limit there, only our own jobs' ends make room: Slurm's estimate (free
         # nodes) does not apply.
         headroom = self.c.dispatcher.headroom(name).start
+        held, estimate = self.slurm.held_room, self.slurm.estimates.get(name, (None, 0.0))
         if room > 0:
-            room, until = self.held_room.usable_room(name, room), self.held_room.until(name)
+            room, until = held.usable_room(name, room), held.until(name)
             if room == 0 and until is not None:
                 # Not scaled by Slurm's lateness: a reservation's end is no running job's limit.
                 start = until - now
-        if start is None and headroom != 0 and self.estimates.get(name, (None,))[0] is not None:
-            epoch, asked = self.estimates[name]
+        if start is None and headroom != 0 and estimate[0] is not None:
+            epoch, asked = estimate
             start = self.corrected(name, epoch, asked) - now
         # Our job there ends by its run time; with none known, by its time limit at the latest,
         # as Slurm assumes of every job (else a job behind our limit on alpha went to beta's
@@ -234,7 +136,7 @@ class Forecaster:
         if headroom is not None:  # the user's other jobs there hand on their slots too
             frees += [max(end - now, 0.0) for end in (self.c.links[name].usage or {}).get(
                 "ends", [])]  # fmt: skip
-        blackout = self.held_room.blackout(name)
+        blackout = held.blackout(name)
         if blackout is not None:
             blackout = (blackout[0] - now, blackout[1] - now)
         return pl.Outlook(name=name, room=room, next_start_s=start, run_s=run, frees_s=frees,
@@ -248,7 +150,7 @@ class Forecaster:
         if link.status is None:
             return False
         shown = shape_room(link.status, link.config, job_shape(link.config, self.c.p))
-        return self.held_room.usable_room(name, shown) <= 0
+        return self.slurm.held_room.usable_room(name, shown) <= 0
 
     def _capacity(self, name: str) -> int:
         """How many jobs of the sweep's shape the whole cluster runs at once."""
@@ -290,7 +192,7 @@ class Forecaster:
         in `self.placed` until `journal_placed` records those of jobs that were submitted."""
         c, now = self.c, clock.now()
         self.learn()
-        self.await_first(order, c.p.probe_timeout_s or 10)
+        self.slurm.await_first(order, c.p.probe_timeout_s or 10)
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), queued[0].index, now) for n in order],
                        n_jobs=len(queued))  # fmt: skip
         targets, forecasts = [], {}
@@ -341,7 +243,7 @@ class Forecaster:
     def _forecast(self, cluster: str, choice: pl.Choice, now: float, *, planned: bool,
                   slurm_start: float | None = None) -> dict[str, Any]:  # fmt: skip
         if slurm_start is None and choice.start_s > 0:
-            slurm_start = self.slurm_next(cluster)
+            slurm_start = self.slurm.next_start(cluster)
         run = choice.finish_s - choice.start_s if cluster == choice.cluster else None
         out = {"cluster": cluster, "at": round(now, 1), "start": round(now + choice.start_s, 1),
                "slurm_start": slurm_start and round(slurm_start, 1),
@@ -363,11 +265,11 @@ class Forecaster:
         # moved as ours ended, and killed as it started there).
         about_to_start = {n for n in {j.cluster for j in candidates}
                           if now - self.last_end.get(n, 0.0) < c.p.probe_every_s
-                          or self.held_room.free_now(n)}  # fmt: skip
+                          or self.slurm.held_room.free_now(n)}  # fmt: skip
         candidates = [j for j in candidates if j.cluster not in about_to_start]
         if not candidates:
             return []
-        self.ask(names, rooms)
+        self.slurm.ask(names, rooms)
         here_names = {j.cluster for j in candidates}
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), candidates[0].index, now)
                         for n in dict.fromkeys([*names, *here_names])],
