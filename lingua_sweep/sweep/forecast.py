@@ -274,13 +274,9 @@ class Forecaster:
         plan = pl.Plan([self.outlook(n, rooms.get(n, 0), candidates[0].index, now)
                         for n in dict.fromkeys([*names, *here_names])],
                        n_jobs=len(candidates))  # fmt: skip
-        # Each waiting job's start as the plan sees its cluster's queue (Slurm's, or its turn
-        # behind our own jobs there).
         expected = {}
         for name in here_names:
-            waiting = [j for j in self._ours(name) if j.started_at is None]
-            starts = plan.pending_starts[name]  # empty where no run time is known
-            expected.update({j.index: s for j, s in zip(waiting, starts, strict=False)})
+            expected.update(self._waiting_starts(plan, name))
         out = []
         for job in candidates:
             run = self.run_s(job.index, job.cluster)
@@ -312,12 +308,18 @@ class Forecaster:
         if run_here is None or run_there is None:
             return False
         plan = pl.Plan([self.outlook(here, rooms.get(here, 0), job.index, now)])
-        waiting = [j.index for j in self._ours(here) if j.started_at is None]
-        starts = dict(zip(waiting, plan.pending_starts[here], strict=False))
+        starts = self._waiting_starts(plan, here)
         if job.index not in starts:
             return False
-        finish_here = starts[job.index] + run_here
-        return finish_here - run_there < max(pl.MOVE_GAIN * finish_here, 2 * self.c.p.probe_every_s)
+        return not pl.clear_gain(starts[job.index] + run_here, run_there,
+                                 min_gain_s=2 * self.c.p.probe_every_s)  # fmt: skip
+
+    def _waiting_starts(self, plan: pl.Plan, name: str) -> dict[int, float]:
+        """Each of our jobs waiting in a cluster's queue -> its start as the plan sees that
+        queue (Slurm's, or its turn behind our own jobs there); none where no run time is
+        known."""
+        waiting = [j.index for j in self._ours(name) if j.started_at is None]
+        return dict(zip(waiting, plan.pending_starts[name], strict=False))
 
     def note_pending(self, job: JobEntry, slurm_start: float | None) -> None:
         """A poll's `squeue --start` for a pending job; journaled when it moved noticeably.

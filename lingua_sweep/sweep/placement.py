@@ -314,7 +314,9 @@ def better_elsewhere(here_finish_s: float, plan: Plan, others: Iterable[str], *,
     choice = plan.best(others)
     if choice.cluster is None or not math.isfinite(here_finish_s):
         return None
-    gain = here_finish_s - choice.finish_s
-    if gain >= max(MOVE_GAIN * here_finish_s, min_gain_s):
-        return choice
-    return None
+    return choice if clear_gain(here_finish_s, choice.finish_s, min_gain_s=min_gain_s) else None
+
+
+def clear_gain(here_finish_s: float, there_finish_s: float, *, min_gain_s: float) -> bool:
+    """Whether finishing there instead of here gains the move margin."""
+    return here_finish_s - there_finish_s >= max(MOVE_GAIN * here_finish_s, min_gain_s)
